@@ -1,0 +1,348 @@
+// The fused CUDA kernels: forward (loss + gradient in one pass), the
+// deterministic finalisation of block partial sums, and the backward rescale.
+//
+// Lean headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h): the
+// tensor work happens in focal_op.cpp, which hands over a FocalParams.
+//
+// Layout of the work: one grid-stride loop over the element grid. When the
+// tensors are row-major contiguous and 16-byte aligned, each thread takes a
+// 16-byte pack of logits (4 x fp32, 8 x fp16/bf16) per step, walks the pack's
+// elements with a running (row, col) so that C need not be a multiple of the
+// pack width, and writes the gradient pack back with one 16-byte store. The
+// rest (the tail, strided or misaligned tensors, fp64) goes through a scalar
+// loop with 64-bit indexing. Sums: each block reduces its threads' fp32 (fp64)
+// sums with CUB into partials[blockIdx.x]; a one-block kernel adds the
+// partials in a fixed order. No atomics, no host synchronisation.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <atomic>
+#include <cub/block/block_reduce.cuh>
+#include <type_traits>
+
+#include "../focal_math.h"
+#include "focal_cuda.h"
+
+namespace focal::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;  // 2048 resident threads per SM on sm_80 / sm_90
+constexpr int kMaxDevices = 64;
+
+template <class scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <class T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+template <class T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <class T, int N>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+template <class acc_t>
+__device__ __forceinline__ acc_t load_factor(const FocalParams& p) {
+  acc_t f = static_cast<acc_t>(p.scale);
+  if (p.divisor != nullptr) f = f / *static_cast<const acc_t*>(p.divisor);
+  return f;
+}
+
+// Loss and d loss / dx of one element, weight applied (not the factor).
+// Labels: ignore_index gives zeros, a label outside [0, C] gives NaN (the CPU
+// path raises instead; the device never syncs to check, and reads nothing with it).
+template <int GK, class acc_t, class target_t>
+__device__ __forceinline__ void element(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t x, target_t t,
+                                        int64_t col, acc_t w, acc_t& loss, acc_t& grad) {
+  acc_t l, g;
+  if constexpr (std::is_integral_v<target_t>) {
+    const int64_t label = static_cast<int64_t>(t);
+    if (label == p.ignore_index) {
+      loss = acc_t(0);
+      grad = acc_t(0);
+      return;
+    }
+    if (label < 0 || label > p.num_classes) {
+      loss = acc_t(NAN);
+      grad = acc_t(NAN);
+      return;
+    }
+    focal_binary<GK, acc_t, acc_t>(x, col == label, k, l, g);
+  } else {
+    focal_soft<GK, acc_t, acc_t>(x, static_cast<acc_t>(t), k, l, g);
+  }
+  const bool keep = w != acc_t(0);  // a zero weight is an exact zero, even for an infinite loss
+  loss = keep ? l * w : acc_t(0);
+  grad = keep ? g * w : acc_t(0);
+}
+
+template <class acc_t>
+__device__ __forceinline__ acc_t load_weight(const FocalParams& p, int64_t offset) {
+  return p.weight.data == nullptr ? acc_t(1) : static_cast<const acc_t*>(p.weight.data)[offset];
+}
+
+template <class scalar_t, class target_t, int GK>
+__global__ void __launch_bounds__(kThreads)
+    focal_forward_kernel(const FocalParams p, bool vectorized, acc_type<scalar_t>* __restrict__ partials) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kLabels = std::is_integral_v<target_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+
+  const FocalCoeffs<acc_t> k = make_coeffs<acc_t>(p);
+  const acc_t factor = load_factor<acc_t>(p);
+  const int64_t n = p.rows * p.cols;
+  const int64_t cols = p.cols;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(p.input.data);
+  const target_t* __restrict__ t = static_cast<const target_t*>(p.target.data);
+  scalar_t* __restrict__ grad = static_cast<scalar_t*>(p.grad);
+  scalar_t* __restrict__ loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
+  const int64_t w_rs = p.weight.row_strides[0];  // contiguous mode: ndim <= 1
+  const int64_t w_cs = p.weight.col_stride;
+
+  acc_t sum = acc_t(0);
+  int64_t vector_end = 0;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (vectorized) {
+      const int64_t npacks = n / kVec;
+      vector_end = npacks * kVec;
+      for (int64_t v = tid; v < npacks; v += step) {
+        const int64_t i0 = v * kVec;
+        const Pack<scalar_t, kVec> xv = load_pack<scalar_t, kVec>(x + i0);
+        Pack<target_t, kVec> tv;
+        int64_t r = i0 / cols;
+        int64_t c = i0 - r * cols;
+        if constexpr (kLabels) {
+          tv.v[0] = t[r];
+        } else {
+          tv = load_pack<target_t, kVec>(t + i0);
+        }
+        Pack<scalar_t, kVec> gv, lv;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (c == cols) {  // the pack runs into the next row (C need not divide the pack)
+            c = 0;
+            ++r;
+            if constexpr (kLabels) tv.v[0] = t[r];
+          }
+          acc_t l, g;
+          const target_t tj = kLabels ? tv.v[0] : tv.v[j];
+          element<GK>(p, k, static_cast<acc_t>(xv.v[j]), tj, c, load_weight<acc_t>(p, r * w_rs + c * w_cs), l, g);
+          sum += l;
+          gv.v[j] = static_cast<scalar_t>(g * factor);
+          lv.v[j] = static_cast<scalar_t>(l * factor);
+          ++c;
+        }
+        if (grad != nullptr) store_pack<scalar_t, kVec>(grad + i0, gv);
+        if (loss != nullptr) store_pack<scalar_t, kVec>(loss + i0, lv);
+      }
+    }
+  }
+  for (int64_t i = vector_end + tid; i < n; i += step) {
+    const int64_t r = i / cols;
+    const int64_t c = i - r * cols;
+    int64_t ox, ot, ow;
+    if (p.contiguous) {
+      ox = i;
+      ot = kLabels ? r : i;
+      ow = r * w_rs;
+    } else {
+      row_offsets(p, r, ox, ot, ow);
+      ox += c * p.input.col_stride;
+      ot += c * p.target.col_stride;  // 0 for labels
+    }
+    ow += c * w_cs;
+    acc_t l, g;
+    element<GK>(p, k, static_cast<acc_t>(x[ox]), t[ot], c, load_weight<acc_t>(p, ow), l, g);
+    sum += l;
+    if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * factor);
+    if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * factor);
+  }
+
+  if (p.reduction == Reduction::Sum) {
+    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+    __shared__ typename BlockReduce::TempStorage storage;
+    const acc_t block_sum = BlockReduce(storage).Sum(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
+  }
+}
+
+// One block adds the partials in a fixed order and writes sum * factor.
+template <class scalar_t>
+__global__ void __launch_bounds__(kThreads) focal_finalize_kernel(const FocalParams p,
+                                                                  const acc_type<scalar_t>* __restrict__ partials,
+                                                                  int64_t nblocks, scalar_t* __restrict__ out) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t s = acc_t(0);
+  for (int64_t i = threadIdx.x; i < nblocks; i += kThreads) s += partials[i];
+  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  const acc_t total = BlockReduce(storage).Sum(s);
+  if (threadIdx.x == 0) *out = static_cast<scalar_t>(total * load_factor<acc_t>(p));
+}
+
+// grad *= grad_output unless grad_output is exactly 1 (then no pass over memory).
+template <class scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const scalar_t* __restrict__ grad_output,
+                      bool vectorized) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const acc_t s = static_cast<acc_t>(*grad_output);
+  if (s == acc_t(1)) return;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t vector_end = 0;
+  if (vectorized) {
+    const int64_t npacks = n / kVec;
+    vector_end = npacks * kVec;
+    for (int64_t v = tid; v < npacks; v += step) {
+      Pack<scalar_t, kVec> g = load_pack<scalar_t, kVec>(grad + v * kVec);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) g.v[j] = static_cast<scalar_t>(static_cast<acc_t>(g.v[j]) * s);
+      store_pack<scalar_t, kVec>(grad + v * kVec, g);
+    }
+  }
+  for (int64_t i = vector_end + tid; i < n; i += step) grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * s);
+}
+
+int sm_count(int device) {
+  static std::atomic<int> cache[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+// Grid size from the element count and the chip only (not from alignment), so
+// the partition of a sum -- and its bits -- depend on nothing else.
+int64_t grid_size(int64_t n, int device) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * 4;
+  const int64_t wanted = (n + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
+  return wanted < 1 ? 1 : (wanted < cap ? wanted : cap);
+}
+
+bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0; }
+
+template <class scalar_t, class target_t, int GK>
+void launch_forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
+                    cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t grid = p.reduction == Reduction::Sum ? nblocks : grid_size(p.rows * p.cols, device);
+  const bool vectorized = !std::is_same_v<scalar_t, double> && p.contiguous && aligned16(p.input.data) &&
+                          (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
+                          aligned16(p.loss);
+  focal_forward_kernel<scalar_t, target_t, GK>
+      <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, vectorized, static_cast<acc_t*>(partials));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.reduction == Reduction::Sum) {
+    focal_finalize_kernel<scalar_t>
+        <<<1, kThreads, 0, stream>>>(p, static_cast<const acc_t*>(partials), nblocks, static_cast<scalar_t*>(out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <class scalar_t, class target_t>
+void launch_by_gamma(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
+                     cudaStream_t stream) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 is for gradcheck: one general variant
+    if (p.gamma_int == 2) {
+      launch_forward<scalar_t, target_t, kGammaTwo>(p, device, partials, nblocks, out, stream);
+      return;
+    }
+  }
+  launch_forward<scalar_t, target_t, kGammaAny>(p, device, partials, nblocks, out, stream);
+}
+
+template <class scalar_t>
+void launch_by_target(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
+                      cudaStream_t stream) {
+  if (p.labels) {
+    if (p.target.kind == ScalarKind::Int32) {
+      launch_by_gamma<scalar_t, int32_t>(p, device, partials, nblocks, out, stream);
+    } else {
+      launch_by_gamma<scalar_t, int64_t>(p, device, partials, nblocks, out, stream);
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (p.target.kind == ScalarKind::Float32) {  // AMP: reduced-precision logits, float32 targets
+      launch_by_gamma<scalar_t, float>(p, device, partials, nblocks, out, stream);
+      return;
+    }
+  }
+  launch_by_gamma<scalar_t, scalar_t>(p, device, partials, nblocks, out, stream);
+}
+
+}  // namespace
+
+int64_t forward_num_blocks(const FocalParams& p, int device) { return grid_size(p.rows * p.cols, device); }
+
+void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out) {
+  if (p.rows * p.cols == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  switch (p.input.kind) {
+    case ScalarKind::Float16:
+      launch_by_target<c10::Half>(p, device, partials, nblocks, out, stream);
+      break;
+    case ScalarKind::BFloat16:
+      launch_by_target<c10::BFloat16>(p, device, partials, nblocks, out, stream);
+      break;
+    case ScalarKind::Float32:
+      launch_by_target<float>(p, device, partials, nblocks, out, stream);
+      break;
+    case ScalarKind::Float64:
+      launch_by_target<double>(p, device, partials, nblocks, out, stream);
+      break;
+    default:
+      break;  // rejected by the op layer
+  }
+}
+
+void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, int device) {
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  const auto grid = static_cast<unsigned>(grid_size(numel, device));
+  const bool vectorized = aligned16(grad);
+  switch (kind) {
+    case ScalarKind::Float16:
+      scale_grad_kernel<c10::Half><<<grid, kThreads, 0, stream>>>(
+          static_cast<c10::Half*>(grad), numel, static_cast<const c10::Half*>(grad_output), vectorized);
+      break;
+    case ScalarKind::BFloat16:
+      scale_grad_kernel<c10::BFloat16><<<grid, kThreads, 0, stream>>>(
+          static_cast<c10::BFloat16*>(grad), numel, static_cast<const c10::BFloat16*>(grad_output), vectorized);
+      break;
+    case ScalarKind::Float32:
+      scale_grad_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<float*>(grad), numel,
+                                                              static_cast<const float*>(grad_output), vectorized);
+      break;
+    case ScalarKind::Float64:
+      scale_grad_kernel<double><<<grid, kThreads, 0, stream>>>(static_cast<double*>(grad), numel,
+                                                               static_cast<const double*>(grad_output), vectorized);
+      break;
+    default:
+      return;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace focal::cuda

@@ -1,0 +1,24 @@
+// Host-side interface of the CUDA kernels (implemented in focal_cuda.cu).
+// Plain types only, so focal_op.cpp does not need CUDA headers to call them.
+#pragma once
+
+#include <cstdint>
+
+#include "../focal_params.h"
+
+namespace focal::cuda {
+
+// Number of per-block partial sums forward() writes for Reduction::Sum on this
+// device (fixed for a given element count and GPU: part of determinism).
+int64_t forward_num_blocks(const FocalParams& p, int device);
+
+// Fused forward: writes p.grad (if set), p.loss (Reduction::None) or, for
+// Reduction::Sum, the partial sums into `partials` (nblocks values of the compute
+// type) and then the scaled total into `out` (a 0-d tensor of the input's dtype).
+// Runs on the current stream of `device`; never synchronises.
+void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out);
+
+// grad *= *grad_output (both of `kind`), skipped on the device when it is exactly 1.
+void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, int device);
+
+}  // namespace focal::cuda

@@ -1,0 +1,154 @@
+// The sigmoid focal loss and its derivative for one element: the only place the
+// math lives. Used by the CUDA kernel (T = float/double on the device), the CPU
+// kernel's scalar loops (T = float/double on the host) and its vector loops
+// (T = at::vec::Vectorized<float>, whose MathOps specialisation lives in
+// cpu/focal_cpu_kernel.h).
+//
+// Notation (DESIGN.md): p = sigmoid(x), p_t = p*y + (1-p)*(1-y), q = 1 - p_t,
+// ce = BCE-with-logits(x, y), alpha_t = alpha*y + (1-alpha)*(1-y),
+// FL = alpha_t * q^gamma * ce.
+//
+// Numerics, in one place:
+//  * one exp: e = exp(-|x|), r = 1/(1+e) gives p and 1-p each without
+//    cancellation (p = r or e*r by the sign of x), and
+//    softplus(+-x) = max(+-x, 0) + log1p(e);
+//  * q^gamma by multiplication for integer gamma (gamma = 2 specialised), else
+//    by exp(-gamma * softplus) reusing the softplus already computed;
+//  * the derivative is written so that no factor q^(gamma-1) appears:
+//      binary y:  dFL/dx = -y' alpha_t q^gamma (gamma p_t ce + q),  y' = +-1
+//      soft y:    dFL/dx = alpha_t q^gamma ((p - y) + gamma ce (1-2y) t),
+//                 t = p(1-p)/q  (<= 1 whenever y is in [0, 1])
+//    so gamma < 1 never produces 0 * inf when p_t reaches 1;
+//  * products of an infinite cross-entropy with a vanishing probability are
+//    selected to 0 (their limit), so +-inf logits give finite gradients.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#include "focal_params.h"
+
+namespace focal {
+
+// Primitive operations per arithmetic type; scalar versions here, the CPU
+// vector one beside the CPU kernel. A struct (not overloads) so that the
+// vector specialisation may be declared after these templates.
+template <class T>
+struct MathOps;
+
+template <>
+struct MathOps<float> {
+  using Mask = bool;
+  static FOCAL_HD float exp(float x) { return ::expf(x); }
+  static FOCAL_HD float log1p(float x) { return ::log1pf(x); }
+  static FOCAL_HD float log(float x) { return ::logf(x); }
+  static FOCAL_HD float abs(float x) { return ::fabsf(x); }
+  static FOCAL_HD float max(float a, float b) { return a > b ? a : b; }
+  static FOCAL_HD float select(bool m, float a, float b) { return m ? a : b; }
+  static FOCAL_HD bool ge(float a, float b) { return a >= b; }
+  static FOCAL_HD bool gt(float a, float b) { return a > b; }
+  static FOCAL_HD bool ne(float a, float b) { return a != b; }
+};
+
+template <>
+struct MathOps<double> {
+  using Mask = bool;
+  static FOCAL_HD double exp(double x) { return ::exp(x); }
+  static FOCAL_HD double log1p(double x) { return ::log1p(x); }
+  static FOCAL_HD double log(double x) { return ::log(x); }
+  static FOCAL_HD double abs(double x) { return ::fabs(x); }
+  static FOCAL_HD double max(double a, double b) { return a > b ? a : b; }
+  static FOCAL_HD double select(bool m, double a, double b) { return m ? a : b; }
+  static FOCAL_HD bool ge(double a, double b) { return a >= b; }
+  static FOCAL_HD bool gt(double a, double b) { return a > b; }
+  static FOCAL_HD bool ne(double a, double b) { return a != b; }
+};
+
+// Gamma classes the kernels specialise on; everything else is a runtime option.
+enum GammaKind : int { kGammaAny = 0, kGammaTwo = 2 };
+
+// Loss options in the compute precision S (float, or double for float64 input).
+template <class S>
+struct FocalCoeffs {
+  S alpha_pos;  // alpha_t for a positive (y = 1); 1 when alpha is disabled
+  S alpha_neg;  // alpha_t for a negative (y = 0); 1 when alpha is disabled
+  S gamma;
+  int gamma_int;  // gamma as an integer in [0, 16], or -1
+};
+
+template <class S>
+FOCAL_HD FocalCoeffs<S> make_coeffs(const FocalParams& p) {
+  return FocalCoeffs<S>{static_cast<S>(p.alpha_pos), static_cast<S>(p.alpha_neg), static_cast<S>(p.gamma),
+                        p.gamma_int};
+}
+
+// q^gamma. neg_log_q must hold -log(q) when the general (non-integer) path may
+// be taken; callers without it pass a negative value and get log(q) computed.
+template <int GK, class T, class S>
+FOCAL_HD T pow_gamma(T q, T neg_log_q, bool have_neg_log_q, const FocalCoeffs<S>& k) {
+  using O = MathOps<T>;
+  if (GK == kGammaTwo) return q * q;
+  if (k.gamma_int >= 0) {
+    T acc = T(S(1));
+    for (int i = 0; i < k.gamma_int; ++i) acc = acc * q;
+    return acc;
+  }
+  const T nl = have_neg_log_q ? neg_log_q : T(S(0)) - O::log(q);
+  return O::exp(T(S(0)) - T(k.gamma) * nl);
+}
+
+// Binary target: pos is true where y = 1, false where y = 0.
+template <int GK, class T, class S>
+FOCAL_HD void focal_binary(T x, typename MathOps<T>::Mask pos, const FocalCoeffs<S>& k, T& loss, T& dloss) {
+  using O = MathOps<T>;
+  const T zero(S(0));
+  const T one(S(1));
+  const T s = O::select(pos, x, zero - x);  // y' * x: p_t = sigmoid(s)
+  const T e = O::exp(zero - O::abs(x));
+  const T r = one / (one + e);
+  const auto s_nonneg = O::ge(s, zero);
+  const T pt = O::select(s_nonneg, r, e * r);
+  const T q = O::select(s_nonneg, e * r, r);  // 1 - p_t
+  const T l1 = O::log1p(e);
+  const T ce = O::max(zero - s, zero) + l1;       // -log(p_t)
+  const T neg_log_q = O::max(s, zero) + l1;       // -log(q)
+  const T qg = pow_gamma<GK>(q, neg_log_q, true, k);
+  const T a = O::select(pos, T(k.alpha_pos), T(k.alpha_neg));
+  const T aqg = a * qg;
+  loss = aqg * ce;
+  const T pce = O::select(O::gt(pt, zero), pt * ce, zero);  // p_t * ce -> 0 as p_t -> 0
+  const T mag = aqg * (T(k.gamma) * pce + q);
+  dloss = O::select(pos, zero - mag, mag);
+}
+
+// Dense (possibly soft) target y; exact for y in {0, 1} as well, and follows
+// torchvision's formula for any real y.
+template <int GK, class T, class S>
+FOCAL_HD void focal_soft(T x, T y, const FocalCoeffs<S>& k, T& loss, T& dloss) {
+  using O = MathOps<T>;
+  const T zero(S(0));
+  const T one(S(1));
+  const T e = O::exp(zero - O::abs(x));
+  const T r = one / (one + e);
+  const auto x_nonneg = O::ge(x, zero);
+  const T pm = O::select(x_nonneg, r, e * r);  // p
+  const T qm = O::select(x_nonneg, e * r, r);  // 1 - p
+  const T l1 = O::log1p(e);
+  const T sp_neg = O::max(zero - x, zero) + l1;  // -log(p)
+  const T sp_pos = O::max(x, zero) + l1;         // -log(1 - p)
+  const T ny = one - y;
+  // y*sp_neg + (1-y)*sp_pos, with 0 * inf read as 0 when y is exactly 0 or 1.
+  const T ce = O::select(O::ne(y, zero), y * sp_neg, zero) + O::select(O::ne(y, one), ny * sp_pos, zero);
+  const T q = ny * pm + y * qm;  // 1 - p_t as a sum of non-negative terms
+  const T d = ny * pm - y * qm;  // p - y
+  const T qg = pow_gamma<GK>(q, zero, false, k);
+  const T t = O::select(O::ne(q, zero), pm * qm / q, zero);
+  const T ct = O::select(O::ne(t, zero), ce * t, zero);  // ce * t -> 0 as t -> 0
+  const T a = y * T(k.alpha_pos) + ny * T(k.alpha_neg);
+  const T aqg = a * qg;
+  loss = aqg * ce;
+  dloss = aqg * (d + T(k.gamma) * ct * (one - y - y));
+}
+
+}  // namespace focal

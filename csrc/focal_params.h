@@ -1,0 +1,91 @@
+// Plain description of one focal-loss launch, shared by the CPU and CUDA kernels.
+//
+// No torch types here: the op layer (focal_op.cpp) checks the tensors, collapses
+// their shapes and fills this struct; kernels only read it. That keeps the .cu
+// file on lean headers and lets the same struct drive every kernel variant.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FOCAL_HD __host__ __device__ __forceinline__
+#else
+#define FOCAL_HD inline
+#endif
+
+namespace focal {
+
+// Leading dimensions (everything but the class dimension) after size-1 dims are
+// dropped and mergeable neighbours are merged. More than this falls back to a
+// contiguous copy in the op layer.
+constexpr int kMaxDims = 8;
+
+enum class ScalarKind : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3, Int32 = 4, Int64 = 5 };
+
+// Mean is expressed as Sum with a divisor, so kernels only know these two.
+enum class Reduction : int32_t { None = 0, Sum = 1 };
+
+// One strided operand over the [rows, cols] element grid. An element (r, c)
+// lives at data + row_offset(r) + c * col_stride (in elements, not bytes);
+// row_offset comes from the shared leading sizes and this operand's row_strides.
+struct Operand {
+  const void* data = nullptr;
+  ScalarKind kind = ScalarKind::Float32;
+  int64_t col_stride = 0;
+  int64_t row_strides[kMaxDims] = {};
+};
+
+struct FocalParams {
+  // Element grid: rows x cols. For label targets cols == num_classes; dense
+  // targets on fully contiguous tensors may be flattened to a single long row.
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int ndim = 0;                      // leading dims describing rows, outermost first
+  int64_t row_sizes[kMaxDims] = {};  // product == rows
+
+  Operand input;   // logits
+  Operand target;  // dense targets [.., C] or class labels [..] (col_stride 0)
+  Operand weight;  // float32 (float64 for float64 input); data == nullptr: no weight
+
+  bool labels = false;      // target holds one class index per row
+  int64_t num_classes = 0;  // C, the valid label range is [0, C]; C means background
+  int64_t ignore_index = -1;
+
+  // ndim <= 1, input (and dense target) row-major dense: offset == row * cols + col.
+  // Weight may still be strided: its offset is row * row_strides[0] + col * col_stride.
+  bool contiguous = false;
+
+  // Outputs, always contiguous over the rows x cols grid, in the input's dtype.
+  void* loss = nullptr;  // Reduction::None only
+  void* grad = nullptr;  // nullptr: no gradient wanted
+
+  // Loss options. alpha < 0 (disabled) arrives as alpha_pos == alpha_neg == 1.
+  double alpha_pos = 0.25;
+  double alpha_neg = 0.75;
+  double gamma = 2.0;
+  int32_t gamma_int = 2;  // gamma when it is an integer in [0, 16], else -1
+
+  Reduction reduction = Reduction::None;
+  // Every loss and gradient value is multiplied by scale / *divisor (divisor:
+  // optional 0-d device tensor of the compute type; float64 for float64 input,
+  // else float32). Sums are taken before the factor is applied.
+  double scale = 1.0;
+  const void* divisor = nullptr;
+};
+
+// Offsets (in elements) of row r in the input, target and weight operands.
+FOCAL_HD void row_offsets(const FocalParams& p, int64_t r, int64_t& ox, int64_t& ot, int64_t& ow) {
+  ox = 0;
+  ot = 0;
+  ow = 0;
+  for (int d = p.ndim - 1; d >= 0; --d) {
+    const int64_t size = p.row_sizes[d];
+    const int64_t i = (d == 0) ? r : r % size;
+    r = (d == 0) ? 0 : r / size;
+    ox += i * p.input.row_strides[d];
+    ot += i * p.target.row_strides[d];
+    ow += i * p.weight.row_strides[d];
+  }
+}
+
+}  // namespace focal

@@ -1,0 +1,175 @@
+"""Argument checks and the call plan shared by the fused function and the reference.
+
+Everything a user can get wrong is checked here, once, with a message that names
+the argument, what was expected and what was given. These checks only read
+shapes, dtypes and devices, so they run the same in eager mode and while
+torch.compile traces (no host synchronisation). The C++ op repeats the checks
+that memory safety depends on, for direct ``torch.ops.focal_cuda`` callers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int32, torch.int64)
+REDUCTIONS = ("none", "mean", "sum")
+
+# Reduction codes understood by the op (mean becomes sum plus a divisor).
+REDUCE_NONE = 0
+REDUCE_SUM = 1
+
+
+@dataclass
+class Plan:
+    """How to call the op for one validated set of arguments."""
+
+    labels: bool  # targets are class indices
+    reduction: int  # REDUCE_NONE or REDUCE_SUM
+    scale: float  # every loss / gradient value is multiplied by scale / divisor
+    divisor: Optional[torch.Tensor]  # 0-d tensor of the compute dtype on inputs' device, or None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape))
+
+
+def check(
+    inputs,
+    targets,
+    alpha,
+    gamma,
+    reduction,
+    weight,
+    normalizer,
+    ignore_index,
+) -> Plan:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs: expected a torch.Tensor of logits, got {type(inputs).__name__}")
+    if inputs.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"inputs: expected float16, bfloat16, float32 or float64 logits, got dtype {inputs.dtype}"
+        )
+    if inputs.dim() < 1:
+        raise ValueError("inputs: expected shape [..., C] with at least one dimension, got a 0-d tensor")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+
+    if targets.dtype in LABEL_DTYPES:
+        labels = True
+        if tuple(targets.shape) != tuple(inputs.shape[:-1]):
+            raise ValueError(
+                f"targets: class-index targets must have shape inputs.shape[:-1] = {tuple(inputs.shape[:-1])}, "
+                f"got {_shape(targets)} (dense 0/1 or soft targets must be floating with shape {_shape(inputs)})"
+            )
+    elif targets.dtype.is_floating_point:
+        labels = False
+        if tuple(targets.shape) != tuple(inputs.shape):
+            raise ValueError(
+                f"targets: floating targets must have the shape of inputs {_shape(inputs)}, got {_shape(targets)}"
+            )
+    else:
+        raise TypeError(
+            "targets: expected a floating tensor of 0/1 or soft targets (shape of inputs) or int32/int64 class "
+            f"indices (shape inputs.shape[:-1]), got dtype {targets.dtype}"
+        )
+    if targets.device != inputs.device:
+        raise ValueError(f"targets: expected a tensor on {inputs.device} (the device of inputs), got {targets.device}")
+    if targets.requires_grad:
+        raise ValueError(
+            "targets: requires grad, but focal_cuda differentiates with respect to inputs only; "
+            "pass targets.detach()"
+        )
+
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of 'none', 'mean', 'sum', got {reduction!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma: expected a finite real number >= 0, got {gamma!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha: expected a finite real number (alpha < 0 disables alpha weighting), got {alpha!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            what = f"dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise TypeError(f"weight: expected a floating tensor, got {what}")
+        try:
+            shape = torch.broadcast_shapes(weight.shape, inputs.shape)
+        except RuntimeError:
+            shape = None
+        if shape is None or tuple(shape) != tuple(inputs.shape):
+            raise ValueError(
+                f"weight: shape {_shape(weight)} does not broadcast to inputs {_shape(inputs)}; expected "
+                f"per element {_shape(inputs)}, per anchor {tuple(inputs.shape[:-1]) + (1,)} or per class "
+                f"({inputs.shape[-1]},)"
+            )
+        if weight.device != inputs.device:
+            raise ValueError(f"weight: expected a tensor on {inputs.device}, got {weight.device}")
+        if weight.requires_grad:
+            raise ValueError("weight: requires grad, but focal_cuda does not differentiate with respect to weight")
+
+    acc = compute_dtype(inputs.dtype)
+    scale = 1.0
+    divisor = None
+    if normalizer is not None:
+        if reduction == "mean":
+            raise ValueError(
+                "normalizer: cannot be combined with reduction='mean'; use reduction='sum' with normalizer "
+                "(sum / normalizer) or 'mean' alone"
+            )
+        divisor, scale = _normalizer(normalizer, inputs, acc)
+
+    if reduction == "mean":
+        numel = inputs.numel()
+        if labels:
+            # elements that are not ignored; at least 1, so an empty or all-ignored mean is 0
+            count = (targets != ignore_index).sum() * inputs.shape[-1]
+            divisor = count.clamp_min(1).to(acc)
+        else:
+            scale = 1.0 / max(numel, 1)
+    return Plan(labels, REDUCE_NONE if reduction == "none" else REDUCE_SUM, scale, divisor)
+
+
+def _normalizer(normalizer: Union[float, torch.Tensor], inputs: torch.Tensor, acc: torch.dtype):
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer: expected a number or a 0-d / 1-element tensor, got a tensor of shape {_shape(normalizer)}"
+            )
+        if normalizer.device != inputs.device:
+            raise ValueError(
+                f"normalizer: expected a tensor on {inputs.device} (the device of inputs), got {normalizer.device}; "
+                "pass a Python number or move it"
+            )
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer: expected a real number tensor, got dtype {normalizer.dtype}")
+        if normalizer.requires_grad:
+            normalizer = normalizer.detach()
+        return normalizer.reshape(()).to(acc), 1.0
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(f"normalizer: expected a number or a 1-element tensor, got {type(normalizer).__name__}")
+    if not math.isfinite(normalizer) or normalizer == 0:
+        raise ValueError(f"normalizer: expected a finite non-zero number, got {normalizer!r}")
+    return None, 1.0 / float(normalizer)
+
+
+def validate_labels(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Explicit label check (synchronises with the device): ValueError naming the first bad value."""
+    bad = ((targets < 0) | (targets > num_classes)) & (targets != ignore_index)
+    if bool(bad.any()):
+        flat = bad.reshape(-1).nonzero()[0, 0]
+        value = int(targets.reshape(-1)[flat])
+        raise ValueError(
+            f"targets: class index {value} at flat position {int(flat)} is outside 0..{num_classes - 1} (classes), "
+            f"{num_classes} (background) and ignore_index={ignore_index}"
+        )

@@ -1,0 +1,64 @@
+"""The public functional API: ``focal_cuda.sigmoid_focal_loss``."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import _checks
+from .ops import SigmoidFocalLossFunction
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: Optional[torch.Tensor] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    ignore_index: int = -1,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017), fused: one pass computes the loss and its gradient.
+
+    Args:
+        inputs: logits ``[..., C]``; float16, bfloat16, float32 or float64; any strides; CPU or CUDA.
+        targets: either floating, same shape as ``inputs`` (0/1 or soft targets, torchvision's form),
+            or int32/int64 class indices of shape ``inputs.shape[:-1]``: ``0..C-1`` marks that class
+            positive, ``C`` is background (all C negative), ``ignore_index`` is ignored.
+        alpha: weight of positives in ``[0, 1]``; negatives get ``1 - alpha``; ``alpha < 0`` disables it.
+        gamma: focusing parameter, any real ``>= 0``.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` divides by the number of elements
+            that are not ignored (at least 1).
+        weight: optional tensor broadcastable to ``inputs``: per element ``[..., C]``, per anchor
+            ``[..., 1]`` or per class ``[C]``. A zero weight gives an exact zero loss and gradient.
+        normalizer: optional number or 0-d/1-element tensor on the inputs' device; the result (and the
+            gradient) is divided by it, without a host synchronisation. Not with ``"mean"``.
+        ignore_index: label targets only; those anchors give zero loss and zero gradient.
+        validate: label targets only; check every label explicitly (synchronises with the device) and
+            raise ValueError on one outside ``[0, C]``. On CPU labels are always checked; on CUDA a bad
+            label otherwise turns the loss NaN.
+
+    Returns:
+        The loss, in the dtype of ``inputs``: shape of ``inputs`` for ``"none"``, else 0-d.
+    """
+    plan = _checks.check(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index)
+    if validate and plan.labels:
+        _checks.validate_labels(targets, inputs.shape[-1], int(ignore_index))
+    compute_grad = inputs.requires_grad and torch.is_grad_enabled()
+    loss, _ = SigmoidFocalLossFunction.apply(
+        inputs,
+        targets,
+        weight,
+        plan.divisor,
+        float(plan.scale),
+        float(alpha),
+        float(gamma),
+        plan.reduction,
+        int(ignore_index),
+        compute_grad,
+    )
+    return loss

@@ -1,0 +1,1 @@
+"""Drop-in integrations with detection frameworks (torchvision; mmdet-style usage is documented in the README)."""

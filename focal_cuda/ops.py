@@ -1,0 +1,119 @@
+"""Fake (meta) implementations and autograd for the native ops.
+
+Forward (``torch.ops.focal_cuda.sigmoid_focal_loss_fwd``) returns the loss and,
+when asked, the gradient d loss / d inputs with alpha, weight and normalizer
+already applied. Backward never reads the logits again: it scales that saved
+gradient by grad_output.
+
+How backward applies grad_output:
+  * eager, plain tensors, graph not retained: in place with the
+    ``scale_grad_`` op, which reads grad_output on the device and skips the pass
+    when it is exactly 1 (the usual case: loss.backward() or a sum of losses);
+    the gradient tensor then belongs to the caller;
+  * graph retained (``retain_graph=True``), torch.compile, or wrapped tensors
+    (opcheck, tensor subclasses): out of place, ``grad * grad_output``, so the
+    saved gradient is never modified and a later backward still sees it;
+  * ``create_graph=True``: the second derivative is not implemented; asking for
+    it raises (once_differentiable), it is never silently wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _C  # noqa: F401  (registers torch.ops.focal_cuda.*)
+
+fwd_op = torch.ops.focal_cuda.sigmoid_focal_loss_fwd
+scale_grad_op = torch.ops.focal_cuda.scale_grad_
+
+_NUM_FWD_ARGS = 10  # inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad
+
+
+@torch.library.register_fake("focal_cuda::sigmoid_focal_loss_fwd")
+def _fwd_fake(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad):
+    loss = inputs.new_empty(inputs.shape if reduction == 0 else ())
+    grad = inputs.new_empty(inputs.shape) if compute_grad else inputs.new_empty((0,))
+    return loss, grad
+
+
+@torch.library.register_fake("focal_cuda::scale_grad_")
+def _scale_grad_fake(grad, grad_output):
+    return None
+
+
+def _graph_is_kept() -> bool:
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if getter is None:  # older torch: assume the graph may be reused
+        return True
+    try:
+        return bool(getter())
+    except RuntimeError:  # not inside a backward pass (direct call)
+        return True
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return type(t) is torch.Tensor
+
+
+def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int) -> torch.Tensor:
+    """d loss / d inputs = saved gradient * grad_output, without a pass when grad_output == 1."""
+    if torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
+        return grad * grad_output
+    in_place = not _graph_is_kept()
+    if grad_output.numel() != 1 and any(s != 0 for s in grad_output.stride()):
+        # reduction='none' followed by something other than a plain sum/mean: elementwise
+        return grad.mul_(grad_output) if in_place else grad * grad_output
+    # one value (a 0-d grad_output, or an expanded scalar as from loss.sum().backward())
+    go = grad_output if grad_output.dim() == 0 else grad_output.as_strided((), ())
+    if not in_place:
+        return grad * go
+    scale_grad_op(grad, go)
+    return grad
+
+
+def setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.reduction = inputs[7]
+    ctx.has_grad = bool(inputs[9])
+    ctx.save_for_backward(grad if ctx.has_grad else None)
+
+
+@once_differentiable
+def backward(ctx, grad_loss, _grad_of_grad):
+    nones = (None,) * (_NUM_FWD_ARGS - 1)
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) + nones
+    if not ctx.has_grad:
+        raise RuntimeError(
+            "focal_cuda: backward called, but the forward ran with compute_grad=False; "
+            "call it with inputs that require grad (under torch.enable_grad())"
+        )
+    (grad,) = ctx.saved_tensors
+    return (apply_grad_output(grad, grad_loss, ctx.reduction),) + nones
+
+
+torch.library.register_autograd("focal_cuda::sigmoid_focal_loss_fwd", backward, setup_context=setup_context)
+
+
+class SigmoidFocalLossFunction(torch.autograd.Function):
+    """The autograd function behind ``sigmoid_focal_loss``.
+
+    ``apply(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad)``
+    with the op's raw arguments (see ``focal_cuda.functional`` for how the public
+    arguments map onto them) returns ``(loss, grad)``; ``grad`` is
+    non-differentiable and empty unless ``compute_grad``.
+    """
+
+    @staticmethod
+    def forward(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad):
+        return fwd_op(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_of_grad):
+        return backward(ctx, grad_loss, grad_of_grad)

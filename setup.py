@@ -1,0 +1,131 @@
+"""Build focal_cuda's native parts.
+
+Extensions:
+  focal_cuda._C         ops (TORCH_LIBRARY), portable CPU kernel, and the CUDA
+                        kernels whenever a CUDA toolkit and a CUDA build of torch
+                        are present.
+  focal_cuda._cpu_avx2  the CPU kernel built for AVX2 + FMA (x86-64 only);
+                        picked at import time after a runtime CPU check.
+
+Environment switches:
+  FOCAL_CUDA_FORCE_CPU=1     never compile the CUDA sources.
+  FOCAL_CUDA_REQUIRE_CUDA=1  fail the build if the CUDA sources cannot be compiled
+                             (no toolkit found, or a CPU-only torch). CI sets it.
+  TORCH_CUDA_ARCH_LIST       GPU architectures (default "8.0;9.0+PTX").
+  CUDA_HOME                  CUDA toolkit root; found from nvcc when unset.
+  MAX_JOBS                   parallel compile jobs (default 2).
+"""
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and (
+        os.path.isfile(os.path.join(path, "bin", "nvcc"))
+    )
+
+
+def find_cuda_home():
+    """The real CUDA toolkit directory (not the folder of an nvcc wrapper script)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # nvcc reports its own install prefix; this sees through wrapper scripts.
+        try:
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                capture_output=True, text=True, timeout=60,
+            )
+            m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+            if m and _is_toolkit(os.path.realpath(os.path.join(m.group(1).strip(), ".."))):
+                return os.path.realpath(os.path.join(m.group(1).strip(), ".."))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(candidate):
+            return candidate
+    if _is_toolkit("/usr/local/cuda"):
+        return "/usr/local/cuda"
+    return None
+
+
+force_cpu = _flag("FOCAL_CUDA_FORCE_CPU")
+require_cuda = _flag("FOCAL_CUDA_REQUIRE_CUDA")
+if force_cpu and require_cuda:
+    sys.exit("setup.py: FOCAL_CUDA_FORCE_CPU and FOCAL_CUDA_REQUIRE_CUDA contradict each other")
+
+cuda_home = None if force_cpu else find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+os.environ.setdefault("MAX_JOBS", "2")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(cuda_home) and torch.version.cuda is not None
+if require_cuda and not with_cuda:
+    why = "no CUDA toolkit found (set CUDA_HOME)" if not cuda_home else (
+        f"torch {torch.__version__} is a CPU-only build")
+    sys.exit(f"setup.py: FOCAL_CUDA_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+
+archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
+print(f"focal_cuda setup: torch {torch.__version__}, CUDA kernels: "
+      f"{'yes, archs ' + archs + ', toolkit ' + cuda_home if with_cuda else 'no'}", flush=True)
+
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter",
+             "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+link_flags = ["-fopenmp"]
+sources = ["csrc/focal_op.cpp", "csrc/cpu/focal_cpu_default.cpp"]
+define_macros = [("FOCAL_CUDA_ARCHS", f'"{archs}"')]
+
+if with_cuda:
+    sources.append("csrc/cuda/focal_cuda.cu")
+    define_macros.append(("FOCAL_WITH_CUDA", None))
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-Xcompiler", "-Wall", "--Werror", "cross-execution-space-call"]
+    core = CUDAExtension(
+        "focal_cuda._C", sources, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags,
+    )
+else:
+    core = CppExtension(
+        "focal_cuda._C", sources, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+    )
+
+ext_modules = [core]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    ext_modules.append(CppExtension(
+        "focal_cuda._cpu_avx2", ["csrc/cpu/focal_cpu_avx2.cpp"],
+        extra_compile_args={"cxx": ["-O3", "-mavx2", "-mfma", "-mf16c", "-Wall", "-Wextra",
+                                    "-Wno-unused-parameter", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]},
+    ))
+
+setup(
+    name="focal_cuda",
+    version=VERSION,
+    description="Fused sigmoid focal loss (forward + gradient in one pass) for PyTorch, CPU and CUDA",
+    packages=["focal_cuda", "focal_cuda.integrations"],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    zip_safe=False,
+)
