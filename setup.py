@@ -90,7 +90,7 @@ archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
 print(f"focal_cuda setup: torch {torch.__version__}, CUDA kernels: "
       f"{'yes, archs ' + archs + ', toolkit ' + cuda_home if with_cuda else 'no'}", flush=True)
 
-cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter",
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-psabi",
              "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 link_flags = ["-fopenmp"]
 sources = ["csrc/focal_op.cpp", "csrc/cpu/focal_cpu_default.cpp"]
@@ -116,7 +116,8 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     ext_modules.append(CppExtension(
         "focal_cuda._cpu_avx2", ["csrc/cpu/focal_cpu_avx2.cpp"],
         extra_compile_args={"cxx": ["-O3", "-mavx2", "-mfma", "-mf16c", "-Wall", "-Wextra",
-                                    "-Wno-unused-parameter", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]},
+                                    "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden",
+                                    "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]},
     ))
 
 setup(

@@ -44,6 +44,7 @@ struct MathOps<float> {
   static FOCAL_HD float log1p(float x) { return ::log1pf(x); }
   static FOCAL_HD float log(float x) { return ::logf(x); }
   static FOCAL_HD float abs(float x) { return ::fabsf(x); }
+  static FOCAL_HD float recip_unit(float u) { return 1.0f / u; }  // 1/u, u in [1, 3]
   static FOCAL_HD float max(float a, float b) { return a > b ? a : b; }
   static FOCAL_HD float select(bool m, float a, float b) { return m ? a : b; }
   static FOCAL_HD bool ge(float a, float b) { return a >= b; }
@@ -58,6 +59,7 @@ struct MathOps<double> {
   static FOCAL_HD double log1p(double x) { return ::log1p(x); }
   static FOCAL_HD double log(double x) { return ::log(x); }
   static FOCAL_HD double abs(double x) { return ::fabs(x); }
+  static FOCAL_HD double recip_unit(double u) { return 1.0 / u; }  // 1/u, u in [1, 3]
   static FOCAL_HD double max(double a, double b) { return a > b ? a : b; }
   static FOCAL_HD double select(bool m, double a, double b) { return m ? a : b; }
   static FOCAL_HD bool ge(double a, double b) { return a >= b; }
@@ -106,7 +108,7 @@ FOCAL_HD void focal_binary(T x, typename MathOps<T>::Mask pos, const FocalCoeffs
   const T one(S(1));
   const T s = O::select(pos, x, zero - x);  // y' * x: p_t = sigmoid(s)
   const T e = O::exp(zero - O::abs(x));
-  const T r = one / (one + e);
+  const T r = O::recip_unit(one + e);
   const auto s_nonneg = O::ge(s, zero);
   const T pt = O::select(s_nonneg, r, e * r);
   const T q = O::select(s_nonneg, e * r, r);  // 1 - p_t
@@ -130,7 +132,7 @@ FOCAL_HD void focal_soft(T x, T y, const FocalCoeffs<S>& k, T& loss, T& dloss) {
   const T zero(S(0));
   const T one(S(1));
   const T e = O::exp(zero - O::abs(x));
-  const T r = one / (one + e);
+  const T r = O::recip_unit(one + e);
   const auto x_nonneg = O::ge(x, zero);
   const T pm = O::select(x_nonneg, r, e * r);  // p
   const T qm = O::select(x_nonneg, e * r, r);  // 1 - p

@@ -9,6 +9,8 @@
 
 #if defined(__CUDACC__)
 #define FOCAL_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FOCAL_HD inline __attribute__((always_inline))
 #else
 #define FOCAL_HD inline
 #endif

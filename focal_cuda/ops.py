@@ -13,14 +13,14 @@ How backward applies grad_output:
   * graph retained (``retain_graph=True``), torch.compile, or wrapped tensors
     (opcheck, tensor subclasses): out of place, ``grad * grad_output``, so the
     saved gradient is never modified and a later backward still sees it;
-  * ``create_graph=True``: the second derivative is not implemented; asking for
-    it raises (once_differentiable), it is never silently wrong.
+  * ``create_graph=True``: the second derivative is not implemented; eager
+    backward with create_graph raises a RuntimeError saying so, rather than
+    return a gradient whose own derivative would silently be wrong.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C  # noqa: F401  (registers torch.ops.focal_cuda.*)
 
@@ -75,23 +75,33 @@ def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: 
 def setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # The gradient output has no gradient of its own; without this, autograd
+    # would allocate and zero a tensor of the logits' size for it on every backward.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[7]
     ctx.has_grad = bool(inputs[9])
     ctx.save_for_backward(grad if ctx.has_grad else None)
 
 
-@once_differentiable
 def backward(ctx, grad_loss, _grad_of_grad):
     nones = (None,) * (_NUM_FWD_ARGS - 1)
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) + nones
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and _is_plain(grad_loss):
+        raise RuntimeError(
+            "focal_cuda: double backward is not supported: backward was called with create_graph=True, "
+            "but the fused gradient is not differentiable again. Use focal_cuda.reference.sigmoid_focal_loss "
+            "where a second derivative is needed"
+        )
     if not ctx.has_grad:
         raise RuntimeError(
             "focal_cuda: backward called, but the forward ran with compute_grad=False; "
             "call it with inputs that require grad (under torch.enable_grad())"
         )
     (grad,) = ctx.saved_tensors
-    return (apply_grad_output(grad, grad_loss, ctx.reduction),) + nones
+    with torch.no_grad():
+        dx = apply_grad_output(grad, grad_loss, ctx.reduction)
+    return (dx,) + nones
 
 
 torch.library.register_autograd("focal_cuda::sigmoid_focal_loss_fwd", backward, setup_context=setup_context)

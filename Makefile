@@ -1,0 +1,53 @@
+# focal_cuda: every target sets itself up (virtual environment, dependencies, build) first.
+#
+#   make bench      benchmark (GPU if present, else a CPU-sized sweep)
+#   make test       the whole test suite (CUDA tests run where a GPU is present)
+#   make gpu-check  on a GPU machine with torch/pytest/numpy/ninja/pybind11 preinstalled
+#                   and no network: build in place, test, benchmark, sanitize, write results
+#   make build      (re)build the extension in place (incremental)
+#
+# Variables: PYTHON (interpreter that creates the venv), VENV, and the build switches
+# FOCAL_CUDA_FORCE_CPU=1 / FOCAL_CUDA_REQUIRE_CUDA=1 / TORCH_CUDA_ARCH_LIST / CUDA_HOME.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
+STAMP := focal_cuda/.built
+
+.PHONY: setup build test bench bench-full demo gpu-check clean
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+$(STAMP): $(VENV)/.deps $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(STAMP)
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) benchmarks/bench_focal.py --auto
+
+bench-full: build
+	$(PY) benchmarks/bench_focal.py --full
+
+demo: build
+	$(PY) -m focal_cuda.demo
+
+# No venv, no downloads: the machine's own python3 with torch, pytest, numpy, ninja, pybind11.
+gpu-check:
+	python3 benchmarks/gpu_check.py
+
+clean:
+	rm -rf build $(STAMP) focal_cuda/*.so

@@ -1,0 +1,98 @@
+"""Promise: float16 / bfloat16 / float32 / float64 logits give the input's dtype back, with errors
+against a float64 reference no worse than plain PyTorch achieves in the same dtype; sums
+accumulate in float32 at least; float32 targets with reduced-precision logits (AMP) work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import focal_cuda
+from conftest import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+def _max_err(a, b):
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
+
+
+def _plain_torch_in_dtype(x, t, dtype, **kw):
+    """The reference formula run in `dtype` itself: the error plain PyTorch achieves."""
+    xd = x.detach().to(dtype).requires_grad_()
+    td = t.to(dtype) if t.dtype.is_floating_point else t
+    loss = focal_cuda.reference.sigmoid_focal_loss(xd, td, **kw)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), xd.grad
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("kind", ["binary", "soft", "labels"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_reduced_precision_vs_float64(device, dtype, kind, reduction):
+    g = torch.Generator().manual_seed(21)
+    shape = (4, 33, 24)
+    x = (torch.randn(shape, generator=g) * 3).to(device).to(dtype)  # values exactly representable in dtype
+    t = make_targets(kind, shape, device, g, dtype=dtype)
+    normalizer = 50.0 if reduction == "sum" else None
+    loss, grad = fused_loss_and_grad(x, t, reduction=reduction, normalizer=normalizer)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    ref_loss, ref_grad = reference_loss_and_grad(x, t, reduction=reduction, normalizer=normalizer)
+    plain_loss, plain_grad = _plain_torch_in_dtype(x, t, dtype, reduction=reduction, normalizer=normalizer)
+    ulp = torch.finfo(dtype).eps
+    # no worse than plain PyTorch in the same dtype (plus one rounding of the stored result)
+    assert _max_err(loss, ref_loss) <= 2 * _max_err(plain_loss, ref_loss) + ulp * ref_loss.abs().max().item()
+    assert _max_err(grad, ref_grad) <= 2 * _max_err(plain_grad, ref_grad) + ulp * ref_grad.abs().max().item()
+    # and close in absolute terms: results are rounded once from float32 math
+    assert_close64(grad, ref_grad, rtol=2 * ulp, atol=2 * ulp)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_float32_targets_with_low_precision_logits(device, dtype):
+    """AMP: logits in fp16/bf16 from autocast, one-hot / soft targets left in float32."""
+    g = torch.Generator().manual_seed(2)
+    shape = (8, 40)
+    x = torch.randn(shape, generator=g).to(device).to(dtype)
+    t = torch.rand(shape, generator=g).to(device)  # float32 soft targets
+    loss, grad = fused_loss_and_grad(x, t, reduction="sum")
+    assert loss.dtype == dtype
+    ref_loss, ref_grad = reference_loss_and_grad(x, t, reduction="sum")
+    assert_close64(loss, ref_loss, rtol=1e-2, atol=1e-3)
+    assert_close64(grad, ref_grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_target_dtype_converted(device, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 9, generator=g).to(device).to(dtype)
+    t = torch.rand(5, 9, generator=g).to(device).to(torch.float16)  # converted to the logits' dtype
+    loss, grad = fused_loss_and_grad(x, t, reduction="sum")
+    ref_loss, ref_grad = reference_loss_and_grad(x, t, reduction="sum")
+    assert loss.dtype == dtype
+    assert_close64(loss, ref_loss)
+    assert_close64(grad, ref_grad)
+
+
+def test_half_sum_accumulates_in_float32(device):
+    """A half-precision sum of 300k terms is accurate to float32 accumulation, not float16's."""
+    g = torch.Generator().manual_seed(8)
+    shape = (3000, 100)
+    x = torch.randn(shape, generator=g).to(device).half()
+    t = make_targets("labels", shape, device, g)
+    # normalised as detectors do (the raw sum, ~7.7e4, would exceed float16's range)
+    loss = focal_cuda.sigmoid_focal_loss(x, t, reduction="sum", normalizer=1000.0)
+    ref, _ = reference_loss_and_grad(x, t, reduction="sum", normalizer=1000.0)
+    assert loss.dtype == torch.float16
+    # only the final rounding to fp16 remains (relative 2^-11); a fp16 accumulator would be far off
+    assert abs(loss.double().item() - ref.item()) <= 2 * 2**-11 * abs(ref.item())
+
+
+def test_float32_sum_of_millions_is_accurate(device):
+    g = torch.Generator().manual_seed(6)
+    shape = (40000, 80)  # 3.2M terms
+    x = torch.randn(shape, generator=g).to(device)
+    t = make_targets("labels", shape, device, g)
+    loss = focal_cuda.sigmoid_focal_loss(x, t, reduction="sum")
+    with torch.no_grad():
+        ref = focal_cuda.reference.sigmoid_focal_loss(x.double(), t, reduction="sum")
+    assert abs(loss.double().item() - ref.item()) <= 1e-6 * abs(ref.item())
