@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""One-command GPU check (``make gpu-check``) for a machine with a GPU and NO network.
+
+Uses the machine's own python3 and what it already has (torch, pytest, numpy, ninja, pybind11):
+no virtual environment, no downloads. Steps, each logged to benchmarks/results/gpu-check-logs/:
+
+  1. build the extension in place for this GPU's architecture (CUDA build enforced);
+  2. run the whole test suite (CPU and CUDA parametrisations), counting passed/failed/skipped;
+  3. run compute-sanitizer (memcheck and racecheck) over a small CUDA test subset;
+  4. run the benchmark's --full sweep;
+  5. write benchmarks/results/<date>-<gpu>.json (device, torch, cuda, commit, tests, sanitizer, bench)
+     and a short markdown summary beside it.
+
+Exit status 0 only if the build succeeded, no test failed and the sanitizer found nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+LOGS = os.path.join(RESULTS, "gpu-check-logs")
+SANITIZER_TESTS = [
+    "tests/test_cuda.py::test_vector_scalar_strided_paths_agree",
+    "tests/test_cuda.py::test_bad_labels_give_nan_and_context_survives",
+    "tests/test_cuda.py::test_scale_grad_skips_when_one",
+    "tests/test_values.py::test_loss_and_grad_match_reference_fp32",
+]
+
+
+def run(cmd, log_name, env=None, timeout=None):
+    os.makedirs(LOGS, exist_ok=True)
+    path = os.path.join(LOGS, log_name)
+    t0 = time.time()
+    print(f"$ {' '.join(cmd)}  (log: {os.path.relpath(path, ROOT)})", flush=True)
+    with open(path, "w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    dt = time.time() - t0
+    with open(path) as f:
+        tail = f.read()[-3000:]
+    print(tail[-1500:], flush=True)
+    print(f"-> exit {rc} in {dt:.0f} s", flush=True)
+    return rc, dt, path
+
+
+def junit_counts(path):
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root)
+    tests = sum(int(s.get("tests", 0)) for s in suites)
+    failed = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+    skipped = sum(int(s.get("skipped", 0)) for s in suites)
+    return {"passed": tests - failed - skipped, "failed": failed, "skipped": skipped}
+
+
+def find_sanitizer():
+    for cand in (shutil.which("compute-sanitizer"), "/usr/local/cuda/bin/compute-sanitizer",
+                 "/usr/local/cuda/compute-sanitizer/compute-sanitizer"):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device visible to torch; nothing to check", file=sys.stderr)
+        return 2
+    major, minor = torch.cuda.get_device_capability(0)
+    gpu = torch.cuda.get_device_name(0)
+    env = dict(os.environ)
+    env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    env["FOCAL_CUDA_REQUIRE_CUDA"] = "1"
+    env.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 2)))
+    env["PYTHONUNBUFFERED"] = "1"
+    report = {"device": gpu, "capability": f"{major}.{minor}", "torch": torch.__version__,
+              "cuda": torch.version.cuda, "python": sys.version.split()[0], "date": datetime.date.today().isoformat()}
+    try:
+        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                          text=True).stdout.strip() or "unknown"
+    except OSError:
+        report["commit"] = "unknown"
+
+    rc, dt, _ = run([sys.executable, "setup.py", "build_ext", "--inplace"], "build.log", env)
+    report["build"] = {"ok": rc == 0, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
+    if rc != 0:
+        return finish(report, ok=False)
+
+    info = subprocess.run([sys.executable, "-m", "focal_cuda"], cwd=ROOT, capture_output=True, text=True, env=env)
+    try:
+        report["build_info"] = json.loads(info.stdout)
+    except json.JSONDecodeError:
+        report["build_info"] = info.stdout + info.stderr
+
+    junit = os.path.join(LOGS, "tests.xml")
+    rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}"], "tests.log", env)
+    report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0, "note": "no junit report"}
+    report["tests"]["seconds"] = round(dt)
+
+    sanitizer = find_sanitizer()
+    report["sanitizer"] = {}
+    for tool in ("memcheck", "racecheck"):
+        if not sanitizer:
+            report["sanitizer"][tool] = "compute-sanitizer not found"
+            continue
+        cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=99", "--target-processes=all",
+               sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda", *SANITIZER_TESTS]
+        rc, dt, path = run(cmd, f"sanitizer-{tool}.log", env, timeout=1800)
+        with open(path) as f:
+            text = f.read()
+        m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+        errors = int(m.group(1)) if m else None
+        report["sanitizer"][tool] = {"exit": rc, "errors": errors, "seconds": round(dt)}
+
+    bench_name = f"{report['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}-bench"
+    rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--name", bench_name], "bench.log", env)
+    bench_json = os.path.join(RESULTS, bench_name + ".json")
+    if rc == 0 and os.path.exists(bench_json):
+        with open(bench_json) as f:
+            report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "summary": summarize(json.load(f))}
+    else:
+        report["bench"] = {"error": f"benchmark exited {rc}"}
+
+    ok = (report["tests"]["failed"] == 0 and all(
+        isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
+        for v in report["sanitizer"].values()))
+    return finish(report, ok)
+
+
+def summarize(bench: dict) -> list:
+    rows = []
+    for r in bench["results"]:
+        if "skipped" in r:
+            rows.append({"case": r["case"].get("label", str(r["case"])), "skipped": r["skipped"]})
+            continue
+        f = r["variants"].get("fused_labels", {})
+        rows.append({"case": r["case"]["label"], "fused_fwdbwd_ms": f.get("fwdbwd_ms"),
+                     "pct_copy": f.get("pct_copy"), "x_vs_best_compile": f.get("x_vs_best_compile"),
+                     "x_vs_eager_dense": f.get("x_vs_eager_dense"), "copy_gbps": r["copy"]["gbps"]})
+    return rows
+
+
+def finish(report: dict, ok: bool) -> int:
+    report["ok"] = bool(ok)
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = f"{report['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', report['device']).strip('-').lower()}"
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# GPU check {report['date']}: {report['device']}", "",
+             f"torch {report['torch']}, CUDA {report['cuda']}, commit {report['commit']}, "
+             f"build {'ok' if report.get('build', {}).get('ok') else 'FAILED'}", ""]
+    if "tests" in report:
+        t = report["tests"]
+        lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+    for tool, v in report.get("sanitizer", {}).items():
+        lines.append(f"compute-sanitizer {tool}: {v}")
+    for row in report.get("bench", {}).get("summary", []):
+        lines.append(f"- {row}")
+    lines.append(f"\nresult: {'PASS' if ok else 'FAIL'}")
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""torchvision RetinaNet: compute the classification loss with focal_cuda.
+
+    model = torchvision.models.detection.retinanet_resnet50_fpn(...)
+    focal_cuda.integrations.torchvision.patch_retinanet(model)   # or: with patched_retinanet(model): ...
+
+The stock head loops over images, builds a dense one-hot target the size of the logits, copies the
+non-ignored logits out with boolean indexing, and divides by ``max(1, num_foreground)`` -- a Python
+``max`` over a tensor, which synchronises with the GPU once per image. The patched head computes the
+same loss (value and gradients) in one fused call for the whole batch, straight from the matched
+labels:
+
+  * matched to a box          -> that box's class index
+  * below the low IoU threshold -> background (C: all classes negative)
+  * between the thresholds     -> ignored (ignore_index)
+  * per-image normaliser 1 / (B * max(1, num_foreground_i)) as a per-image weight on the device.
+
+Images with different anchor counts (not produced by torchvision's batching transform, but
+possible with a custom one) fall back to one fused call per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Dict, List
+
+import torch
+
+from ..functional import sigmoid_focal_loss
+
+# torchvision.models.detection._utils.Matcher's codes for unmatched anchors
+_BELOW_LOW_THRESHOLD = -1
+_BETWEEN_THRESHOLDS = -2
+_ORIGINAL = "_focal_cuda_original_compute_loss"
+
+
+def anchor_labels(targets: List[Dict[str, torch.Tensor]], matched_idxs: List[torch.Tensor], num_classes: int,
+                  ignore_index: int = _BETWEEN_THRESHOLDS) -> List[torch.Tensor]:
+    """Class index per anchor from the matcher's output: class, C = background, ignore_index = ignored."""
+    out = []
+    for target, matched in zip(targets, matched_idxs):
+        gt = target["labels"]
+        if gt.numel() == 0:
+            labels = torch.full_like(matched, num_classes)
+        else:
+            labels = gt.to(matched.dtype)[matched.clamp(min=0)]
+            labels = torch.where(matched >= 0, labels, torch.full_like(labels, num_classes))
+        out.append(torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(labels, ignore_index), labels))
+    return out
+
+
+def classification_loss(head, targets, head_outputs, matched_idxs):
+    """Drop-in for RetinaNetClassificationHead.compute_loss (same value and gradients)."""
+    cls_logits = head_outputs["cls_logits"]  # [B, A, C]
+    num_images, _, num_classes = cls_logits.shape
+    labels = anchor_labels(targets, matched_idxs, num_classes)
+    # per-image normaliser, kept on the device: 1 / (B * max(1, foreground count))
+    num_fg = torch.stack([(m >= 0).sum() for m in matched_idxs]).clamp_min(1)
+    per_image = 1.0 / (num_fg.to(torch.float32) * num_images)
+    if all(lab.shape[0] == cls_logits.shape[1] for lab in labels):
+        weight = per_image.view(num_images, 1, 1)
+        return sigmoid_focal_loss(cls_logits, torch.stack(labels), reduction="sum", weight=weight,
+                                  ignore_index=_BETWEEN_THRESHOLDS)
+    total = cls_logits.new_zeros(())
+    for i, lab in enumerate(labels):
+        total = total + sigmoid_focal_loss(cls_logits[i, : lab.shape[0]], lab, reduction="sum",
+                                           weight=per_image[i].view(1), ignore_index=_BETWEEN_THRESHOLDS)
+    return total
+
+
+def patch_retinanet(model):
+    """Make ``model`` (a torchvision RetinaNet) compute its classification loss with focal_cuda. Returns it."""
+    head = _classification_head(model)
+    if not hasattr(head, _ORIGINAL):
+        setattr(head, _ORIGINAL, head.compute_loss)
+        head.compute_loss = types.MethodType(classification_loss, head)
+    return model
+
+
+def unpatch_retinanet(model):
+    """Undo ``patch_retinanet``. Returns the model."""
+    head = _classification_head(model)
+    if hasattr(head, _ORIGINAL):
+        head.compute_loss = getattr(head, _ORIGINAL)
+        delattr(head, _ORIGINAL)
+        if head.compute_loss.__func__ is type(head).compute_loss:  # drop the instance attribute entirely
+            del head.compute_loss
+    return model
+
+
+@contextlib.contextmanager
+def patched_retinanet(model):
+    """Context manager: ``with patched_retinanet(model): loss = model(images, targets)``."""
+    patch_retinanet(model)
+    try:
+        yield model
+    finally:
+        unpatch_retinanet(model)
+
+
+def is_patched(model) -> bool:
+    return hasattr(_classification_head(model), _ORIGINAL)
+
+
+def _classification_head(model):
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    if head is None or not hasattr(head, "compute_loss"):
+        raise TypeError(
+            f"model: expected a torchvision RetinaNet (with .head.classification_head), got {type(model).__name__}"
+        )
+    return head
