@@ -187,15 +187,19 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
                                                           const std::optional<at::Tensor>& weight_,
                                                           const std::optional<at::Tensor>& divisor_, double scale,
                                                           double alpha, double gamma, int64_t reduction,
-                                                          int64_t ignore_index, bool compute_grad) {
+                                                          int64_t ignore_index, bool compute_grad,
+                                                          double grad_prescale) {
   check_inputs(input_, targets_, weight_, divisor_, gamma, reduction);
   at::Tensor input = input_;
   at::Tensor targets = targets_;
   const bool labels = targets.scalar_type() == at::kInt || targets.scalar_type() == at::kLong;
   const at::ScalarType acc = compute_dtype(input.scalar_type());
-  if (!labels && targets.scalar_type() != input.scalar_type() &&
-      !(targets.scalar_type() == at::kFloat && acc == at::kFloat)) {
-    targets = targets.to(input.scalar_type());  // e.g. float64 targets for float32 logits
+  if (!labels && targets.scalar_type() != input.scalar_type() && targets.scalar_type() != at::kFloat) {
+    // the kernels read dense targets in the logits' dtype or in float32: convert others to
+    // the compute dtype (float32, float64 for float64), never down to a 16-bit type
+    targets = targets.to(acc);
+  } else if (!labels && targets.scalar_type() == at::kFloat && acc == at::kDouble) {
+    targets = targets.to(acc);
   }
   at::Tensor weight;
   if (weight_) weight = weight_->to(acc).expand(input.sizes());
@@ -245,6 +249,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
   }
   p.loss = reduction == 0 ? loss.data_ptr() : nullptr;
   p.grad = compute_grad ? grad.data_ptr() : nullptr;
+  TORCH_CHECK_VALUE(grad_prescale >= 0.0 && std::isfinite(grad_prescale),
+                    "focal_cuda: grad_prescale must be a finite number >= 0, got ", grad_prescale);
+  p.grad_prescale = grad_prescale;
   p.alpha_pos = alpha >= 0 ? alpha : 1.0;
   p.alpha_neg = alpha >= 0 ? 1.0 - alpha : 1.0;
   p.gamma = gamma;
@@ -296,13 +303,16 @@ void scale_grad_(at::Tensor grad, const at::Tensor& grad_output) {
                     grad_output.sizes());
   TORCH_CHECK_VALUE(grad_output.device() == grad.device(), "focal_cuda.scale_grad_: grad_output must be on ",
                     grad.device(), ", got ", grad_output.device());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == grad.scalar_type(), "focal_cuda.scale_grad_: grad_output must be ",
-                   grad.scalar_type(), ", got ", grad_output.scalar_type());
   TORCH_CHECK_TYPE(is_supported_float(grad.scalar_type()), "focal_cuda.scale_grad_: grad must be floating, got ",
                    grad.scalar_type());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == grad.scalar_type() ||
+                       (grad_output.scalar_type() == at::kFloat && grad.scalar_type() != at::kDouble),
+                   "focal_cuda.scale_grad_: grad_output must be ", grad.scalar_type(), " or float32, got ",
+                   grad_output.scalar_type());
   if (grad.numel() == 0) return;
   if (grad.is_cpu()) {
-    if (grad_output.item<double>() != 1.0) grad.mul_(grad_output.reshape({}));
+    const double s = grad_output.item<double>();  // a CPU tensor: no device sync
+    if (s != 1.0) grad.mul_(s);                     // computed in float32 for 16-bit grads
     return;
   }
 #ifdef FOCAL_WITH_CUDA
@@ -310,7 +320,7 @@ void scale_grad_(at::Tensor grad, const at::Tensor& grad_output) {
     TORCH_CHECK_VALUE(grad.is_contiguous(), "focal_cuda.scale_grad_: grad must be contiguous");
     const at::Tensor go = grad_output.reshape({});
     cuda::scale_grad(grad.data_ptr(), scalar_kind(grad.scalar_type()), grad.numel(), go.data_ptr(),
-                     grad.get_device());
+                     scalar_kind(go.scalar_type()), grad.get_device());
     return;
   }
 #endif
@@ -323,7 +333,8 @@ void scale_grad_(at::Tensor grad, const at::Tensor& grad_output) {
 TORCH_LIBRARY(focal_cuda, m) {
   m.def(
       "sigmoid_focal_loss_fwd(Tensor input, Tensor targets, Tensor? weight, Tensor? divisor, float scale, "
-      "float alpha, float gamma, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor)",
+      "float alpha, float gamma, int reduction, int ignore_index, bool compute_grad, "
+      "float grad_prescale=0.0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()", {at::Tag::pt2_compliant_tag});
 }

@@ -60,6 +60,12 @@ struct FocalParams {
   // Outputs, always contiguous over the rows x cols grid, in the input's dtype.
   void* loss = nullptr;  // Reduction::None only
   void* grad = nullptr;  // nullptr: no gradient wanted
+  // 0: the gradient includes scale / divisor. > 0: the gradient is
+  // dloss/dx * weight * grad_prescale instead, and backward applies
+  // scale / divisor / grad_prescale together with grad_output, in float32.
+  // Used for float16, whose range cannot hold a gradient divided by a
+  // normaliser and multiplied by a loss scale later.
+  double grad_prescale = 0.0;
 
   // Loss options. alpha < 0 (disabled) arrives as alpha_pos == alpha_neg == 1.
   double alpha_pos = 0.25;

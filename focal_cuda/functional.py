@@ -9,6 +9,8 @@ import torch
 from . import _checks
 from .ops import SigmoidFocalLossFunction
 
+FP16_GRAD_PRESCALE = 256.0
+
 
 def sigmoid_focal_loss(
     inputs: torch.Tensor,
@@ -49,6 +51,13 @@ def sigmoid_focal_loss(
     if validate and plan.labels:
         _checks.validate_labels(targets, inputs.shape[-1], int(ignore_index))
     compute_grad = inputs.requires_grad and torch.is_grad_enabled()
+    # float16 cannot hold a gradient divided by a normaliser and later multiplied by a loss scale
+    # (GradScaler): its gradient is stored unnormalised, times 2^8 to keep gradients down to ~2e-10
+    # above float16's underflow (|dFL/dx| <= 1 + gamma/e stays far below its 65504), and backward
+    # scales it once, in float32. With a weight (of unknown size) no headroom is taken.
+    prescale = 0.0
+    if compute_grad and inputs.dtype == torch.float16:
+        prescale = 1.0 if weight is not None else FP16_GRAD_PRESCALE
     loss, _ = SigmoidFocalLossFunction.apply(
         inputs,
         targets,
@@ -60,5 +69,6 @@ def sigmoid_focal_loss(
         plan.reduction,
         int(ignore_index),
         compute_grad,
+        prescale,
     )
     return loss

@@ -27,11 +27,13 @@ from . import _C  # noqa: F401  (registers torch.ops.focal_cuda.*)
 fwd_op = torch.ops.focal_cuda.sigmoid_focal_loss_fwd
 scale_grad_op = torch.ops.focal_cuda.scale_grad_
 
-_NUM_FWD_ARGS = 10  # inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad
+# inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad, grad_prescale
+_NUM_FWD_ARGS = 11
 
 
 @torch.library.register_fake("focal_cuda::sigmoid_focal_loss_fwd")
-def _fwd_fake(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad):
+def _fwd_fake(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
+              grad_prescale=0.0):
     loss = inputs.new_empty(inputs.shape if reduction == 0 else ())
     grad = inputs.new_empty(inputs.shape) if compute_grad else inputs.new_empty((0,))
     return loss, grad
@@ -56,18 +58,27 @@ def _is_plain(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor
 
 
+def _times(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """grad * factor as a new tensor of grad's dtype, computed in factor's precision when higher."""
+    if factor.dtype == grad.dtype:
+        return grad * factor
+    return (grad.to(factor.dtype) * factor).to(grad.dtype)
+
+
 def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int) -> torch.Tensor:
-    """d loss / d inputs = saved gradient * grad_output, without a pass when grad_output == 1."""
+    """d loss / d inputs = saved gradient * grad_output, without a pass when grad_output == 1.
+
+    grad_output has grad's dtype, or float32 for a float16 gradient (scaled in float32)."""
     if torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
-        return grad * grad_output
+        return _times(grad, grad_output)
     in_place = not _graph_is_kept()
     if grad_output.numel() != 1 and any(s != 0 for s in grad_output.stride()):
         # reduction='none' followed by something other than a plain sum/mean: elementwise
-        return grad.mul_(grad_output) if in_place else grad * grad_output
+        return grad.mul_(grad_output) if in_place else _times(grad, grad_output)
     # one value (a 0-d grad_output, or an expanded scalar as from loss.sum().backward())
     go = grad_output if grad_output.dim() == 0 else grad_output.as_strided((), ())
     if not in_place:
-        return grad * go
+        return _times(grad, go)
     scale_grad_op(grad, go)
     return grad
 
@@ -80,7 +91,10 @@ def setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[7]
     ctx.has_grad = bool(inputs[9])
-    ctx.save_for_backward(grad if ctx.has_grad else None)
+    ctx.prescale = float(inputs[10]) if len(inputs) > 10 else 0.0
+    ctx.unnormalized = ctx.prescale > 0
+    ctx.scale = float(inputs[4])
+    ctx.save_for_backward(grad if ctx.has_grad else None, inputs[3] if ctx.unnormalized else None)
 
 
 def backward(ctx, grad_loss, _grad_of_grad):
@@ -98,9 +112,16 @@ def backward(ctx, grad_loss, _grad_of_grad):
             "focal_cuda: backward called, but the forward ran with compute_grad=False; "
             "call it with inputs that require grad (under torch.enable_grad())"
         )
-    (grad,) = ctx.saved_tensors
+    grad, divisor = ctx.saved_tensors
     with torch.no_grad():
-        dx = apply_grad_output(grad, grad_loss, ctx.reduction)
+        go = grad_loss
+        if ctx.unnormalized:
+            # float16: the normaliser was left out of the stored gradient; apply it here, together
+            # with grad_output (e.g. a GradScaler's 65536), in float32 -- never below float16's range
+            go = grad_loss.float() * (ctx.scale / ctx.prescale)
+            if divisor is not None:
+                go = go / divisor.float()
+        dx = apply_grad_output(grad, go, ctx.reduction)
     return (dx,) + nones
 
 
@@ -110,15 +131,18 @@ torch.library.register_autograd("focal_cuda::sigmoid_focal_loss_fwd", backward, 
 class SigmoidFocalLossFunction(torch.autograd.Function):
     """The autograd function behind ``sigmoid_focal_loss``.
 
-    ``apply(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad)``
-    with the op's raw arguments (see ``focal_cuda.functional`` for how the public
-    arguments map onto them) returns ``(loss, grad)``; ``grad`` is
-    non-differentiable and empty unless ``compute_grad``.
+    ``apply(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
+    grad_prescale=0.0)`` with the op's raw arguments (see ``focal_cuda.functional`` for how the
+    public arguments map onto them) returns ``(loss, grad)``; ``grad`` is non-differentiable and empty
+    unless ``compute_grad``. It is the buffer backward hands to autograd: after a backward that does
+    not retain the graph it may have been scaled in place, so read it before calling backward.
     """
 
     @staticmethod
-    def forward(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad):
-        return fwd_op(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad)
+    def forward(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
+                grad_prescale=0.0):
+        return fwd_op(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
+                      grad_prescale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

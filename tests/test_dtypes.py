@@ -96,3 +96,32 @@ def test_float32_sum_of_millions_is_accurate(device):
     with torch.no_grad():
         ref = focal_cuda.reference.sigmoid_focal_loss(x.double(), t, reduction="sum")
     assert abs(loss.double().item() - ref.item()) <= 1e-6 * abs(ref.item())
+
+
+@pytest.mark.parametrize("reduction,normalizer", [("sum", 2000.0), ("sum", "tensor"), ("mean", None)])
+@pytest.mark.parametrize("retain", [False, True])
+def test_fp16_gradient_survives_normaliser_and_loss_scale(device, reduction, normalizer, retain):
+    """AMP with float16: a normaliser shrinks the gradient, a GradScaler multiplies it back. Small
+    gradients must not underflow in between (the float16 gradient is stored unnormalised and scaled
+    once, in float32, in backward): the result matches float32 math rounded once to float16.
+    (The loss itself is float16, so the scale must be representable there: 2^15, the value
+    GradScaler settles at after its first back-off from 2^16.)"""
+    g = torch.Generator().manual_seed(10)
+    shape = (400, 80)
+    x = (torch.randn(shape, generator=g) * 2 - 3).to(device).half()
+    labels = make_targets("labels", shape, device, g)
+    if normalizer == "tensor":
+        normalizer = torch.tensor(1500, device=device)
+    S = 32768.0
+    xr = x.clone().requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(xr, labels, reduction=reduction, normalizer=normalizer)
+    (loss * S).backward(retain_graph=retain)
+    _, ref = reference_loss_and_grad(x, labels, reduction=reduction, normalizer=normalizer)
+    expected = (ref * S).half().double()  # float32-or-better math, one rounding to float16
+    got = xr.grad.double()
+    assert torch.isfinite(got).all()
+    small = (expected.abs() > 0) & (expected.abs() < 1e-2)  # the values an fp16 round trip would lose
+    assert small.sum() > 100
+    assert (got[small] != 0).all()
+    # two roundings to float16 (the stored gradient, then the scaled one): within 2 ulp
+    torch.testing.assert_close(got, expected, rtol=4 * 2**-11, atol=1e-7)

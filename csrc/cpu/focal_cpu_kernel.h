@@ -205,11 +205,12 @@ inline int64_t read_label(const FocalParams& p, int64_t offset) {
   return static_cast<int64_t>(static_cast<const label_t*>(p.target.data)[offset]);
 }
 
-// Loss/gradient of one element in compute precision acc_t, weight and factor applied.
+// Loss/gradient of one element in compute precision acc_t; weight applied to
+// both, gfactor to the gradient (the caller scales the loss).
 // A zero weight and an ignored label give exactly zero, whatever the logit.
 template <int GK, class acc_t, class target_t>
 inline void element(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t x, const target_t* tgt, int64_t t_off,
-                    int64_t label, int64_t col, acc_t w, acc_t factor, acc_t& loss, acc_t& grad) {
+                    int64_t label, int64_t col, acc_t w, acc_t gfactor, acc_t& loss, acc_t& grad) {
   acc_t l, g;
   if (p.labels) {
     if (label == p.ignore_index) {
@@ -223,7 +224,7 @@ inline void element(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t x, 
   }
   const bool keep = w != acc_t(0);
   loss = keep ? l * w : acc_t(0);
-  grad = keep ? g * w * factor : acc_t(0);
+  grad = keep ? g * w * gfactor : acc_t(0);
 }
 
 // One row segment [c0, c1) of row r. Returns nothing; accumulates into the sums.
@@ -232,8 +233,10 @@ struct Segment {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   static constexpr bool kVector = std::is_same_v<acc_t, float>;
 
-  static void run(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t factor, int64_t r, int64_t c0, int64_t c1,
-                  Vec& vsum, double& ssum) {
+  // factor scales the elementwise loss, gfactor the gradient (they differ when
+  // the gradient is left unnormalised for backward).
+  static void run(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t factor, acc_t gfactor, int64_t r,
+                  int64_t c0, int64_t c1, Vec& vsum, double& ssum) {
     int64_t ox, ot, ow;
     if (p.contiguous) {
       ox = r * p.cols;
@@ -268,6 +271,7 @@ struct Segment {
       const bool unit = xcs == 1 && (p.labels || tcs == 1) && (!w || wcs == 0 || wcs == 1);
       if (unit) {
         const Vec vfactor(factor);
+        const Vec vgfactor(gfactor);
         const Vec zero(0.0f);
         const Vec lanes = Vec::arange(0.0f, 1.0f);
         const Vec vlabel(static_cast<float>(label));
@@ -298,7 +302,7 @@ struct Segment {
               gi = Vec::blendv(zero, gi * vw, keep);
             }
             vsum = vsum + li;
-            if (grad) store_float(grad + out0 + ci, gi * vfactor);
+            if (grad) store_float(grad + out0 + ci, gi * vgfactor);
             if (loss) store_float(loss + out0 + ci, li * vfactor);
           }
         };
@@ -309,7 +313,7 @@ struct Segment {
     for (; c < c1; ++c) {
       acc_t l, g;
       const acc_t wv = w ? w[c * wcs] : acc_t(1);
-      element<GK, acc_t, target_t>(p, k, static_cast<acc_t>(x[c * xcs]), t, c * tcs, label, c, wv, factor, l, g);
+      element<GK, acc_t, target_t>(p, k, static_cast<acc_t>(x[c * xcs]), t, c * tcs, label, c, wv, gfactor, l, g);
       ssum += static_cast<double>(l);
       if (grad) grad[out0 + c] = static_cast<scalar_t>(g);
       if (loss) loss[out0 + c] = static_cast<scalar_t>(l * factor);
@@ -326,6 +330,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
   const FocalCoeffs<acc_t> k = make_coeffs<acc_t>(p);
   acc_t factor = static_cast<acc_t>(p.scale);
   if (p.divisor) factor = factor / *static_cast<const acc_t*>(p.divisor);
+  const acc_t gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
   Vec vsum(0.0f);
   double ssum = 0.0;
   int64_t i = begin;
@@ -333,7 +338,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
     const int64_t r = i / p.cols;
     const int64_t c0 = i - r * p.cols;
     const int64_t c1 = std::min<int64_t>(p.cols, c0 + (end - i));
-    Seg::run(p, k, factor, r, c0, c1, vsum, ssum);
+    Seg::run(p, k, factor, gfactor, r, c0, c1, vsum, ssum);
     i += c1 - c0;
   }
   float lanes[kLanes];

@@ -100,6 +100,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const FocalCoeffs<acc_t> k = make_coeffs<acc_t>(p);
   const acc_t factor = load_factor<acc_t>(p);
+  const acc_t gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
   const int64_t n = p.rows * p.cols;
   const int64_t cols = p.cols;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
           const target_t tj = kLabels ? tv.v[0] : tv.v[j];
           element<GK>(p, k, static_cast<acc_t>(xv.v[j]), tj, c, load_weight<acc_t>(p, r * w_rs + c * w_cs), l, g);
           sum += l;
-          gv.v[j] = static_cast<scalar_t>(g * factor);
+          gv.v[j] = static_cast<scalar_t>(g * gfactor);
           lv.v[j] = static_cast<scalar_t>(l * factor);
           ++c;
         }
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t l, g;
     element<GK>(p, k, static_cast<acc_t>(x[ox]), t[ot], c, load_weight<acc_t>(p, ow), l, g);
     sum += l;
-    if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * factor);
+    if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * gfactor);
     if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * factor);
   }
 
@@ -193,9 +194,10 @@ __global__ void __launch_bounds__(kThreads) focal_finalize_kernel(const FocalPar
 }
 
 // grad *= grad_output unless grad_output is exactly 1 (then no pass over memory).
-template <class scalar_t>
+// grad_output is of grad's dtype, or float32 (float16 gradients scaled in float32).
+template <class scalar_t, class go_t>
 __global__ void __launch_bounds__(kThreads)
-    scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const scalar_t* __restrict__ grad_output,
+    scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const go_t* __restrict__ grad_output,
                       bool vectorized) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -217,6 +219,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = vector_end + tid; i < n; i += step) grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * s);
 }
 
+template <class scalar_t>
+void launch_scale(void* grad, int64_t numel, const void* grad_output, bool go_float32, unsigned grid, bool vectorized,
+                  cudaStream_t stream) {
+  if (go_float32 && !std::is_same_v<scalar_t, float>) {
+    scale_grad_kernel<scalar_t, float><<<grid, kThreads, 0, stream>>>(
+        static_cast<scalar_t*>(grad), numel, static_cast<const float*>(grad_output), vectorized);
+  } else {
+    scale_grad_kernel<scalar_t, scalar_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<scalar_t*>(grad), numel, static_cast<const scalar_t*>(grad_output), vectorized);
+  }
+}
+
 int sm_count(int device) {
   static std::atomic<int> cache[kMaxDevices] = {};
   if (device >= 0 && device < kMaxDevices) {
@@ -229,8 +243,10 @@ int sm_count(int device) {
   return sms;
 }
 
-// Grid size from the element count and the chip only (not from alignment), so
-// the partition of a sum -- and its bits -- depend on nothing else.
+// Grid size from the element count and the chip only. With the vector path's
+// alignment condition fixed for a given tensor, the partition of a sum -- and
+// its bits -- are the same run after run (a differently aligned copy of the same
+// values may round differently in the last bits).
 int64_t grid_size(int64_t n, int device) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * 4;
   const int64_t wanted = (n + per_block - 1) / per_block;
@@ -316,28 +332,26 @@ void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, 
   }
 }
 
-void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, int device) {
+void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, ScalarKind go_kind,
+                int device) {
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
   const auto grid = static_cast<unsigned>(grid_size(numel, device));
   const bool vectorized = aligned16(grad);
+  const bool go_float32 = go_kind == ScalarKind::Float32;
   switch (kind) {
     case ScalarKind::Float16:
-      scale_grad_kernel<c10::Half><<<grid, kThreads, 0, stream>>>(
-          static_cast<c10::Half*>(grad), numel, static_cast<const c10::Half*>(grad_output), vectorized);
+      launch_scale<c10::Half>(grad, numel, grad_output, go_float32, grid, vectorized, stream);
       break;
     case ScalarKind::BFloat16:
-      scale_grad_kernel<c10::BFloat16><<<grid, kThreads, 0, stream>>>(
-          static_cast<c10::BFloat16*>(grad), numel, static_cast<const c10::BFloat16*>(grad_output), vectorized);
+      launch_scale<c10::BFloat16>(grad, numel, grad_output, go_float32, grid, vectorized, stream);
       break;
     case ScalarKind::Float32:
-      scale_grad_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<float*>(grad), numel,
-                                                              static_cast<const float*>(grad_output), vectorized);
+      launch_scale<float>(grad, numel, grad_output, go_float32, grid, vectorized, stream);
       break;
     case ScalarKind::Float64:
-      scale_grad_kernel<double><<<grid, kThreads, 0, stream>>>(static_cast<double*>(grad), numel,
-                                                               static_cast<const double*>(grad_output), vectorized);
+      launch_scale<double>(grad, numel, grad_output, false, grid, vectorized, stream);
       break;
     default:
       return;

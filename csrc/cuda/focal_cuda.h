@@ -18,7 +18,8 @@ int64_t forward_num_blocks(const FocalParams& p, int device);
 // Runs on the current stream of `device`; never synchronises.
 void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out);
 
-// grad *= *grad_output (both of `kind`), skipped on the device when it is exactly 1.
-void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, int device);
+// grad *= *grad_output, computed in float32 (float64 for float64), skipped on the
+// device when grad_output is exactly 1. grad_output is of grad's kind or Float32.
+void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, ScalarKind go_kind, int device);
 
 }  // namespace focal::cuda
