@@ -6,12 +6,14 @@ already applied. Backward never reads the logits again: it scales that saved
 gradient by grad_output.
 
 How backward applies grad_output:
-  * eager, plain tensors, graph not retained: in place with the
+  * eager, plain tensors, graph not retained, gradient private to autograd
+    (``sigmoid_focal_loss`` drops the op's gradient output): in place with the
     ``scale_grad_`` op, which reads grad_output on the device and skips the pass
     when it is exactly 1 (the usual case: loss.backward() or a sum of losses);
     the gradient tensor then belongs to the caller;
-  * graph retained (``retain_graph=True``), torch.compile, or wrapped tensors
-    (opcheck, tensor subclasses): out of place, ``grad * grad_output``, so the
+  * graph retained (``retain_graph=True``), torch.compile, wrapped tensors
+    (opcheck, tensor subclasses), or the raw op whose caller holds the gradient
+    output: out of place, ``grad * grad_output``, so the
     saved gradient is never modified and a later backward still sees it;
   * ``create_graph=True``: the second derivative is not implemented; eager
     backward with create_graph raises a RuntimeError saying so, rather than
@@ -65,11 +67,13 @@ def _times(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (grad.to(factor.dtype) * factor).to(grad.dtype)
 
 
-def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int) -> torch.Tensor:
+def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int,
+                      may_modify: bool = True) -> torch.Tensor:
     """d loss / d inputs = saved gradient * grad_output, without a pass when grad_output == 1.
 
-    grad_output has grad's dtype, or float32 for a float16 gradient (scaled in float32)."""
-    if torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
+    grad_output has grad's dtype, or float32 for a float16 gradient (scaled in float32).
+    may_modify: the saved gradient is private to autograd (not handed to the caller as an output)."""
+    if not may_modify or torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
         return _times(grad, grad_output)
     in_place = not _graph_is_kept()
     if grad_output.numel() != 1 and any(s != 0 for s in grad_output.stride()):
@@ -83,7 +87,10 @@ def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: 
     return grad
 
 
-def setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output, private_grad=False):
+    """private_grad: the caller never sees the gradient output (sigmoid_focal_loss drops it), so
+    backward may scale it in place; the raw op's caller holds it, so backward must not."""
+    ctx.private_grad = private_grad
     _, grad = output
     ctx.mark_non_differentiable(grad)
     # The gradient output has no gradient of its own; without this, autograd
@@ -121,7 +128,7 @@ def backward(ctx, grad_loss, _grad_of_grad):
             go = grad_loss.float() * (ctx.scale / ctx.prescale)
             if divisor is not None:
                 go = go / divisor.float()
-        dx = apply_grad_output(grad, go, ctx.reduction)
+        dx = apply_grad_output(grad, go, ctx.reduction, may_modify=ctx.private_grad)
     return (dx,) + nones
 
 
@@ -134,8 +141,9 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
     ``apply(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
     grad_prescale=0.0)`` with the op's raw arguments (see ``focal_cuda.functional`` for how the
     public arguments map onto them) returns ``(loss, grad)``; ``grad`` is non-differentiable and empty
-    unless ``compute_grad``. It is the buffer backward hands to autograd: after a backward that does
-    not retain the graph it may have been scaled in place, so read it before calling backward.
+    unless ``compute_grad``. It is the buffer backward hands to autograd: ``sigmoid_focal_loss`` drops
+    it, which lets backward scale it in place (no allocation); a caller of ``apply`` who keeps it must
+    read it before calling backward. (The raw op's own autograd never modifies it.)
     """
 
     @staticmethod
@@ -146,7 +154,7 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
+        setup_context(ctx, inputs, output, private_grad=True)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_of_grad):

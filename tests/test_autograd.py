@@ -140,3 +140,14 @@ def test_op_level_autograd(device):
     loss.backward()
     _, ref = reference_loss_and_grad(x, t, reduction="sum")
     assert_close64(xr.grad, ref)
+
+
+def test_raw_op_gradient_output_not_modified_by_backward(device):
+    """The raw op hands its gradient buffer to the caller: its autograd must not scale it in place."""
+    x, t = _fresh(device)
+    xr = x.clone().requires_grad_()
+    loss, grad = focal_cuda.ops.fwd_op(xr, t, None, None, 1.0, 0.25, 2.0, 1, -1, True)
+    before = grad.clone()
+    (loss * 3.0).backward()
+    assert torch.equal(grad, before)
+    assert_close64(xr.grad, before.double() * 3.0)
