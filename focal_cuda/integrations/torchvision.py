@@ -58,7 +58,10 @@ def classification_loss(head, targets, head_outputs, matched_idxs):
     num_fg = torch.stack([(m >= 0).sum() for m in matched_idxs]).clamp_min(1)
     per_image = 1.0 / (num_fg.to(torch.float32) * num_images)
     if all(lab.shape[0] == cls_logits.shape[1] for lab in labels):
-        weight = per_image.view(num_images, 1, 1)
+        # per-anchor layout [B, A, 1] (B*A floats): its rows merge with the logits' into one row
+        # index, which keeps the kernels on their contiguous (vectorised) path; a [B, 1, 1] view
+        # would leave two unmergeable row dims and the strided path.
+        weight = per_image.view(num_images, 1, 1).expand(num_images, cls_logits.shape[1], 1).contiguous()
         return sigmoid_focal_loss(cls_logits, torch.stack(labels), reduction="sum", weight=weight,
                                   ignore_index=_BETWEEN_THRESHOLDS)
     total = cls_logits.new_zeros(())
