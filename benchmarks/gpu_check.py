@@ -12,12 +12,19 @@ no virtual environment, no downloads. Steps, each logged to benchmarks/results/g
      and a short markdown summary beside it.
 
 Exit status 0 only if the build succeeded, no test failed and the sanitizer found nothing.
+
+``--steps build,test,sanitize,bench`` runs a subset (default: all); results of earlier calls on the
+same day and GPU are kept and merged into the same report, so the check can be split across several
+shorter sessions (a lent GPU allows 10 minutes per command). ``--bench-args`` passes options to the
+benchmark (e.g. ``"--cases coco --reps 10"``).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import shlex
 import os
 import re
 import shutil
@@ -76,7 +83,12 @@ def find_sanitizer():
     return None
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default="build,test,sanitize,bench")
+    ap.add_argument("--bench-args", default="")
+    args = ap.parse_args(argv)
+    steps = set(args.steps.split(","))
     import torch
 
     if not torch.cuda.is_available():
@@ -91,6 +103,10 @@ def main() -> int:
     env["PYTHONUNBUFFERED"] = "1"
     report = {"device": gpu, "capability": f"{major}.{minor}", "torch": torch.__version__,
               "cuda": torch.version.cuda, "python": sys.version.split()[0], "date": datetime.date.today().isoformat()}
+    previous = os.path.join(RESULTS, report_stem(report) + ".json")
+    if os.path.exists(previous):  # merge with earlier partial runs
+        with open(previous) as f:
+            report = {**json.load(f), **report}
     try:
         report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                           text=True).stdout.strip() or "unknown"
@@ -98,8 +114,10 @@ def main() -> int:
         report["commit"] = "unknown"
 
     rc, dt, _ = run([sys.executable, "setup.py", "build_ext", "--inplace"], "build.log", env)
-    report["build"] = {"ok": rc == 0, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
+    if "build" in steps or "build" not in report:
+        report["build"] = {"ok": rc == 0, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
     if rc != 0:
+        report["build"] = {"ok": False, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
         return finish(report, ok=False)
 
     info = subprocess.run([sys.executable, "-m", "focal_cuda"], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -108,14 +126,16 @@ def main() -> int:
     except json.JSONDecodeError:
         report["build_info"] = info.stdout + info.stderr
 
-    junit = os.path.join(LOGS, "tests.xml")
-    rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}"], "tests.log", env)
-    report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0, "note": "no junit report"}
-    report["tests"]["seconds"] = round(dt)
+    if "test" in steps:
+        junit = os.path.join(LOGS, "tests.xml")
+        rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}"], "tests.log",
+                        env)
+        report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0, "note": "no junit report"}
+        report["tests"]["seconds"] = round(dt)
 
     sanitizer = find_sanitizer()
-    report["sanitizer"] = {}
-    for tool in ("memcheck", "racecheck"):
+    report.setdefault("sanitizer", {})
+    for tool in ("memcheck", "racecheck") if "sanitize" in steps else ():
         if not sanitizer:
             report["sanitizer"][tool] = "compute-sanitizer not found"
             continue
@@ -128,19 +148,25 @@ def main() -> int:
         errors = int(m.group(1)) if m else None
         report["sanitizer"][tool] = {"exit": rc, "errors": errors, "seconds": round(dt)}
 
-    bench_name = f"{report['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}-bench"
-    rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--name", bench_name], "bench.log", env)
-    bench_json = os.path.join(RESULTS, bench_name + ".json")
-    if rc == 0 and os.path.exists(bench_json):
-        with open(bench_json) as f:
-            report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "summary": summarize(json.load(f))}
-    else:
-        report["bench"] = {"error": f"benchmark exited {rc}"}
+    if "bench" in steps:
+        bench_name = report_stem(report) + "-bench"
+        rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--name", bench_name,
+                         *shlex.split(args.bench_args)], "bench.log", env)
+        bench_json = os.path.join(RESULTS, bench_name + ".json")
+        if rc == 0 and os.path.exists(bench_json):
+            with open(bench_json) as f:
+                report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "summary": summarize(json.load(f))}
+        else:
+            report["bench"] = {"error": f"benchmark exited {rc}"}
 
-    ok = (report["tests"]["failed"] == 0 and all(
+    ok = ("tests" in report and report["tests"]["failed"] == 0 and all(
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
         for v in report["sanitizer"].values()))
     return finish(report, ok)
+
+
+def report_stem(report: dict) -> str:
+    return f"{report['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', report['device']).strip('-').lower()}"
 
 
 def summarize(bench: dict) -> list:
@@ -159,7 +185,7 @@ def summarize(bench: dict) -> list:
 def finish(report: dict, ok: bool) -> int:
     report["ok"] = bool(ok)
     os.makedirs(RESULTS, exist_ok=True)
-    stem = f"{report['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', report['device']).strip('-').lower()}"
+    stem = report_stem(report)
     with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# GPU check {report['date']}: {report['device']}", "",

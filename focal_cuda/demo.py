@@ -3,8 +3,9 @@
     python -m focal_cuda.demo                 # CPU here: ~30 steps each, a few minutes
     python -m focal_cuda.demo --steps 60 --device cuda
 
-Both runs start from the same weights and see the same batches in the same order; the only
-difference is how the classification loss is computed (torchvision's per-image loop over a dense
+Both models start from the same weights, see the same batches in the same order and take their
+steps in turns (so machine noise hits both alike); the only difference is how the classification
+loss is computed (torchvision's per-image loop over a dense
 one-hot target vs one fused focal_cuda call on the matched labels). Prints per-step progress, then
 the loss agreement, the time per step and per classification-loss call, and the peak memory per
 step of each; writes a PNG of the two loss curves (no downloads: the data is drawn on the fly).
@@ -110,52 +111,67 @@ class _Peak:
         return 0
 
 
-def train(model, steps, batch, size, device, label, lr):
-    model.to(device).train()
-    head = model.head.classification_head
-    compute_loss = head.compute_loss
-    loss_ms = []
+class _Run:
+    """One model's training state and records; its classification loss call is timed."""
 
-    def timed_compute_loss(*args, **kwargs):  # time the classification loss itself
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def __init__(self, model, device, label, lr):
+        self.model, self.device, self.label = model.to(device).train(), device, label
+        self.head = model.head.classification_head
+        self.compute_loss = self.head.compute_loss  # stock, or the focal_cuda patch
+        self.head.compute_loss = self._timed_compute_loss
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        self.peak = _Peak(device)
+        self.rec = {"cls": [], "total": [], "step_ms": [], "peak_mb": [], "cls_loss_ms": []}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed_compute_loss(self, *args, **kwargs):
+        self._sync()
         t0 = time.perf_counter()
-        out = compute_loss(*args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        loss_ms.append((time.perf_counter() - t0) * 1e3)
+        out = self.compute_loss(*args, **kwargs)
+        self._sync()
+        self.rec["cls_loss_ms"].append((time.perf_counter() - t0) * 1e3)
         return out
 
-    head.compute_loss = timed_compute_loss
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    peak = _Peak(device)
-    rec = {"cls": [], "total": [], "step_ms": [], "peak_mb": []}
+    def step(self, images, targets):
+        self.peak.start()
+        t0 = time.perf_counter()
+        losses = self.model(images, targets)
+        total = losses["classification"] + losses["bbox_regression"]
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+        self.opt.step()
+        self._sync()
+        self.rec["step_ms"].append((time.perf_counter() - t0) * 1e3)
+        self.rec["peak_mb"].append(self.peak.stop())
+        self.rec["cls"].append(float(losses["classification"].detach()))
+        self.rec["total"].append(float(total.detach()))
+
+    def close(self):
+        del self.head.compute_loss  # drop the timing wrapper (the patch, if any, is restored below)
+        if self.label == "focal_cuda":
+            patch_retinanet(self.model)
+
+
+def train_both(stock, fused, steps, batch, size, device, lr):
+    """Both models step in turns on the same batch, so machine noise hits them alike."""
+    runs = [_Run(stock, device, "stock", lr), _Run(fused, device, "focal_cuda", lr)]
     for step in range(steps):
         images, targets = make_batch(step, batch, size, device)
-        peak.start()
-        t0 = time.perf_counter()
-        losses = model(images, targets)
-        total = losses["classification"] + losses["bbox_regression"]
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rec["step_ms"].append((time.perf_counter() - t0) * 1e3)
-        rec["peak_mb"].append(peak.stop())
-        rec["cls"].append(float(losses["classification"]))
-        rec["total"].append(float(total))
+        for run in runs:
+            run.step(images, targets)
+        a, b = runs[0].rec, runs[1].rec
         done = int(30 * (step + 1) / steps)
-        print(f"\r{label:>8} [{'#' * done}{'.' * (30 - done)}] step {step + 1}/{steps} "
-              f"cls {rec['cls'][-1]:.4f} total {rec['total'][-1]:.4f} {rec['step_ms'][-1]:.0f} ms",
+        print(f"\r[{'#' * done}{'.' * (30 - done)}] step {step + 1}/{steps}  cls loss stock {a['cls'][-1]:.4f} "
+              f"focal_cuda {b['cls'][-1]:.4f}  step ms {a['step_ms'][-1]:.0f} / {b['step_ms'][-1]:.0f}",
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    del head.compute_loss  # back to the class's (or the patch's) method
-    if label == "focal_cuda":
-        patch_retinanet(model)  # keep the model patched after the timing wrapper is removed
-    rec["cls_loss_ms"] = loss_ms
-    return rec
+    for run in runs:
+        run.close()
+    return runs[0].rec, runs[1].rec
 
 
 def _median_tail(xs, skip=2):
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "demo_retinanet"))
     args = ap.parse_args(argv)
@@ -179,8 +195,7 @@ def main(argv=None) -> int:
     fused = patch_retinanet(copy.deepcopy(base))
     print(f"RetinaNet (resnet18-FPN, {len(CLASSES)} classes, {args.size}px, batch {args.batch}) on {device}, "
           f"{args.steps} steps each", file=sys.stderr)
-    a = train(stock, args.steps, args.batch, args.size, device, "stock", args.lr)
-    b = train(fused, args.steps, args.batch, args.size, device, "focal_cuda", args.lr)
+    a, b = train_both(stock, fused, args.steps, args.batch, args.size, device, args.lr)
 
     diff = max(abs(x - y) for x, y in zip(a["cls"], b["cls"]))
     rel0 = abs(a["cls"][0] - b["cls"][0]) / abs(a["cls"][0])
