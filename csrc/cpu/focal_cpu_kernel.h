@@ -308,6 +308,36 @@ struct Segment {
         };
         for (; c + 2 * kLanes <= c1; c += 2 * kLanes) step(std::integral_constant<int, 2>{}, c);
         for (; c + kLanes <= c1; c += kLanes) step(std::integral_constant<int, 1>{}, c);
+        if (c < c1) {
+          // The row's last c1 - c < kLanes elements (C = 91: 3 per row) as one padded vector rather
+          // than a scalar loop; padding lanes get weight 0, an exact zero in the sum.
+          const int n = static_cast<int>(c1 - c);
+          float xb[kLanes] = {}, tb[kLanes] = {}, wb[kLanes] = {};
+          for (int i = 0; i < n; ++i) {
+            xb[i] = static_cast<float>(x[c + i]);
+            if (!p.labels) tb[i] = static_cast<float>(t[c + i]);
+            wb[i] = w ? (wcs == 0 ? w[0] : w[c + i]) : 1.0f;
+          }
+          Vec l, g;
+          if (p.labels) {
+            focal_binary<GK, Vec, float>(Vec::loadu(xb), (Vec(static_cast<float>(c)) + lanes) == vlabel, k, l, g);
+          } else {
+            focal_soft<GK, Vec, float>(Vec::loadu(xb), Vec::loadu(tb), k, l, g);
+          }
+          const Vec vw = Vec::loadu(wb);
+          const Vec keep = vw != zero;
+          l = Vec::blendv(zero, l * vw, keep);
+          g = Vec::blendv(zero, g * vw, keep);
+          vsum = vsum + l;
+          float gb[kLanes], lb[kLanes];
+          (g * vgfactor).store(gb);
+          (l * vfactor).store(lb);
+          for (int i = 0; i < n; ++i) {
+            if (grad) grad[out0 + c + i] = static_cast<scalar_t>(gb[i]);
+            if (loss) loss[out0 + c + i] = static_cast<scalar_t>(lb[i]);
+          }
+          c = c1;
+        }
       }
     }
     for (; c < c1; ++c) {
@@ -334,6 +364,45 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
   Vec vsum(0.0f);
   double ssum = 0.0;
   int64_t i = begin;
+  if constexpr (Seg::kVector) {
+    // Class labels with fewer classes than two vectors (C = 1..15): rows are too short for
+    // row segments, so run flat over the elements and build each vector's positive mask and
+    // weights lane by lane, carrying (row, col) along.
+    if (p.labels && p.contiguous && p.cols < 2 * kLanes && p.input.col_stride == 1) {
+      const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
+      scalar_t* grad = static_cast<scalar_t*>(p.grad);
+      scalar_t* loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
+      const float* w = static_cast<const float*>(p.weight.data);
+      const Vec zero(0.0f), one(1.0f), vfactor(factor), vgfactor(gfactor);
+      int64_t r = i / p.cols;
+      int64_t c = i - r * p.cols;
+      auto label_of = [&](int64_t row) {
+        return p.target.kind == ScalarKind::Int32 ? read_label<int32_t>(p, row) : read_label<int64_t>(p, row);
+      };
+      int64_t label = label_of(r);
+      for (; i + kLanes <= end; i += kLanes) {
+        float posb[kLanes], wb[kLanes];
+        for (int j = 0; j < kLanes; ++j) {
+          posb[j] = c == label ? 1.0f : 0.0f;
+          const float wj = w ? w[r * p.weight.row_strides[0] + c * p.weight.col_stride] : 1.0f;
+          wb[j] = label == p.ignore_index ? 0.0f : wj;
+          if (++c == p.cols) {
+            c = 0;
+            if (++r < p.rows) label = label_of(r);
+          }
+        }
+        Vec l, g;
+        focal_binary<GK, Vec, float>(load_float(x + i), Vec::loadu(posb) == one, k, l, g);
+        const Vec vw = Vec::loadu(wb);
+        const Vec keep = vw != zero;
+        l = Vec::blendv(zero, l * vw, keep);
+        g = Vec::blendv(zero, g * vw, keep);
+        vsum = vsum + l;
+        if (grad) store_float(grad + i, g * vgfactor);
+        if (loss) store_float(loss + i, l * vfactor);
+      }
+    }
+  }
   while (i < end) {
     const int64_t r = i / p.cols;
     const int64_t c0 = i - r * p.cols;
