@@ -128,13 +128,13 @@ struct RowLayout {
   std::vector<std::array<int64_t, 3>> strides;  // per dim: input, target, weight
 };
 
-RowLayout collapse_rows(const at::Tensor& input, const at::Tensor& target, bool labels, const at::Tensor* weight) {
+RowLayout collapse_rows(const at::Tensor& input, const at::Tensor& target, const at::Tensor* weight) {
   RowLayout out;
   const int64_t lead = input.dim() - 1;
   for (int64_t d = 0; d < lead; ++d) {
     if (input.size(d) == 1) continue;
-    const std::array<int64_t, 3> s = {input.stride(d), labels ? target.stride(d) : target.stride(d),
-                                      weight ? weight->stride(d) : 0};
+    // labels have exactly the leading dims, so their dim d is the logits' dim d
+    const std::array<int64_t, 3> s = {input.stride(d), target.stride(d), weight ? weight->stride(d) : 0};
     if (!out.sizes.empty()) {
       // merge into the previous (outer) dim if the outer stride == inner stride * inner size
       auto& ps = out.strides.back();
@@ -216,12 +216,12 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
   if (reduction == 0) advise_huge_pages(loss);
   if (labels && input.is_cpu()) check_labels_cpu(targets, num_classes, ignore_index);
 
-  RowLayout rows = collapse_rows(input, targets, labels, weight.defined() ? &weight : nullptr);
+  RowLayout rows = collapse_rows(input, targets, weight.defined() ? &weight : nullptr);
   if (static_cast<int>(rows.sizes.size()) > kMaxDims) {  // exotic layouts: make them simple
     input = input.contiguous();
     targets = targets.contiguous();
     if (weight.defined()) weight = weight.contiguous();
-    rows = collapse_rows(input, targets, labels, weight.defined() ? &weight : nullptr);
+    rows = collapse_rows(input, targets, weight.defined() ? &weight : nullptr);
   }
 
   FocalParams p;
