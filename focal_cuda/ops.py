@@ -15,6 +15,11 @@ How backward applies grad_output:
     (opcheck, tensor subclasses), or the raw op whose caller holds the gradient
     output: out of place, ``grad * grad_output``, so the
     saved gradient is never modified and a later backward still sees it;
+  * float16 (``grad_prescale > 0``): the forward stored d loss / d inputs * weight
+    * grad_prescale, without the normaliser; backward multiplies by
+    grad_output * scale / divisor / grad_prescale computed in float32, in place or
+    out of place by the rules above, so nothing underflows between a normaliser
+    and a loss scale;
   * ``create_graph=True``: the second derivative is not implemented; eager
     backward with create_graph raises a RuntimeError saying so, rather than
     return a gradient whose own derivative would silently be wrong.
