@@ -202,6 +202,15 @@ inline void store_float(scalar_t* p, Vec v) {
   }
 }
 
+// Weight a vector's loss and gradient; a zero weight gives an exact zero even
+// where the unweighted value is infinite (or, for padding lanes, meaningless).
+FOCAL_HD void apply_weight(Vec& l, Vec& g, Vec w) {
+  const Vec zero(0.0f);
+  const Vec keep = w != zero;
+  l = Vec::blendv(zero, l * w, keep);
+  g = Vec::blendv(zero, g * w, keep);
+}
+
 template <class label_t>
 inline int64_t read_label(const FocalParams& p, int64_t offset) {
   return static_cast<int64_t>(static_cast<const label_t*>(p.target.data)[offset]);
@@ -274,7 +283,6 @@ struct Segment {
       if (unit) {
         const Vec vfactor(factor);
         const Vec vgfactor(gfactor);
-        const Vec zero(0.0f);
         const Vec lanes = Vec::arange(0.0f, 1.0f);
         const Vec vlabel(static_cast<float>(label));
         // N vectors (N * kLanes elements from column cc) in lockstep.
@@ -297,12 +305,7 @@ struct Segment {
           for (int i = 0; i < N; ++i) {
             const int64_t ci = cc + i * kLanes;
             Vec li = l.v[i], gi = g.v[i];
-            if (w) {
-              const Vec vw = wcs == 0 ? Vec(w[0]) : Vec::loadu(w + ci);
-              const Vec keep = vw != zero;
-              li = Vec::blendv(zero, li * vw, keep);
-              gi = Vec::blendv(zero, gi * vw, keep);
-            }
+            if (w) apply_weight(li, gi, wcs == 0 ? Vec(w[0]) : Vec::loadu(w + ci));
             vsum = vsum + li;
             if (grad) store_float(grad + out0 + ci, gi * vgfactor);
             if (loss) store_float(loss + out0 + ci, li * vfactor);
@@ -326,10 +329,7 @@ struct Segment {
           } else {
             focal_soft<GK, Vec, float>(Vec::loadu(xb), Vec::loadu(tb), k, l, g);
           }
-          const Vec vw = Vec::loadu(wb);
-          const Vec keep = vw != zero;
-          l = Vec::blendv(zero, l * vw, keep);
-          g = Vec::blendv(zero, g * vw, keep);
+          apply_weight(l, g, Vec::loadu(wb));
           vsum = vsum + l;
           float gb[kLanes], lb[kLanes];
           (g * vgfactor).store(gb);
@@ -375,7 +375,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
       scalar_t* grad = static_cast<scalar_t*>(p.grad);
       scalar_t* loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
       const float* w = static_cast<const float*>(p.weight.data);
-      const Vec zero(0.0f), one(1.0f), vfactor(factor), vgfactor(gfactor);
+      const Vec one(1.0f), vfactor(factor), vgfactor(gfactor);
       int64_t r = i / p.cols;
       int64_t c = i - r * p.cols;
       auto label_of = [&](int64_t row) {
@@ -395,10 +395,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
         }
         Vec l, g;
         focal_binary<GK, Vec, float>(load_float(x + i), Vec::loadu(posb) == one, k, l, g);
-        const Vec vw = Vec::loadu(wb);
-        const Vec keep = vw != zero;
-        l = Vec::blendv(zero, l * vw, keep);
-        g = Vec::blendv(zero, g * vw, keep);
+        apply_weight(l, g, Vec::loadu(wb));
         vsum = vsum + l;
         if (grad) store_float(grad + i, g * vgfactor);
         if (loss) store_float(loss + i, l * vfactor);
