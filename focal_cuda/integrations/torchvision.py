@@ -75,7 +75,8 @@ def patch_retinanet(model):
     """Make ``model`` (a torchvision RetinaNet) compute its classification loss with focal_cuda. Returns it."""
     head = _classification_head(model)
     if not hasattr(head, _ORIGINAL):
-        setattr(head, _ORIGINAL, head.compute_loss)
+        # the instance's own override if it had one, else None (the class's method applies)
+        setattr(head, _ORIGINAL, head.__dict__.get("compute_loss"))
         head.compute_loss = types.MethodType(classification_loss, head)
     return model
 
@@ -84,10 +85,12 @@ def unpatch_retinanet(model):
     """Undo ``patch_retinanet``. Returns the model."""
     head = _classification_head(model)
     if hasattr(head, _ORIGINAL):
-        head.compute_loss = getattr(head, _ORIGINAL)
+        original = getattr(head, _ORIGINAL)
         delattr(head, _ORIGINAL)
-        if head.compute_loss.__func__ is type(head).compute_loss:  # drop the instance attribute entirely
+        if original is None:
             del head.compute_loss
+        else:
+            head.compute_loss = original
     return model
 
 
