@@ -125,3 +125,20 @@ def test_fp16_gradient_survives_normaliser_and_loss_scale(device, reduction, nor
     assert (got[small] != 0).all()
     # two roundings to float16 (the stored gradient, then the scaled one): within 2 ulp
     torch.testing.assert_close(got, expected, rtol=4 * 2**-11, atol=1e-7)
+
+
+@pytest.mark.parametrize("C", [3, 80, 91])
+def test_float32_sum_accurate_at_detector_initialisation(device, C):
+    """RetinaNet's prior (logits near -4.6): millions of tiny, nearly equal terms. The sum stays within
+    float32 rounding of the float64 one (per-lane float partials are flushed to float64 often)."""
+    g = torch.Generator().manual_seed(C)
+    shape = (8, 40000 // C * 10, C)
+    x = (-4.6 + 0.1 * torch.randn(shape, generator=g)).to(device)
+    labels = torch.where(torch.rand(shape[:-1], generator=g) < 0.01,
+                         torch.randint(0, C, shape[:-1], generator=g), torch.full(shape[:-1], C)).to(device)
+    for t in (labels, focal_cuda.reference.one_hot_labels(labels, C, -1, torch.float32)[0]):
+        loss = focal_cuda.sigmoid_focal_loss(x, t, reduction="sum")
+        with torch.no_grad():
+            ref = focal_cuda.reference.sigmoid_focal_loss(x.double(), t.double() if t.is_floating_point() else t,
+                                                          reduction="sum")
+        assert abs(loss.double().item() - ref.item()) <= 1e-6 * abs(ref.item())

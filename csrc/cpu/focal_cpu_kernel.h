@@ -211,6 +211,17 @@ FOCAL_HD void apply_weight(Vec& l, Vec& g, Vec w) {
   g = Vec::blendv(zero, g * w, keep);
 }
 
+// Moves a vector of float partial sums into the double accumulator. Called
+// every few dozen vectors, so no float lane ever adds up more than ~64 terms:
+// a chunk's 2048 terms per lane in float alone measured 5e-6 relative error on
+// RetinaNet-like sums (millions of tiny, nearly equal terms).
+inline void flush(Vec& vsum, double& acc) {
+  float lanes[kLanes];
+  vsum.store(lanes);
+  for (int j = 0; j < kLanes; ++j) acc += static_cast<double>(lanes[j]);
+  vsum = Vec(0.0f);
+}
+
 template <class label_t>
 inline int64_t read_label(const FocalParams& p, int64_t offset) {
   return static_cast<int64_t>(static_cast<const label_t*>(p.target.data)[offset]);
@@ -311,7 +322,10 @@ struct Segment {
             if (loss) store_float(loss + out0 + ci, li * vfactor);
           }
         };
-        for (; c + 2 * kLanes <= c1; c += 2 * kLanes) step(std::integral_constant<int, 2>{}, c);
+        for (int n = 1; c + 2 * kLanes <= c1; c += 2 * kLanes, ++n) {
+          step(std::integral_constant<int, 2>{}, c);
+          if (n % 32 == 0) flush(vsum, ssum);  // long (flattened dense) segments
+        }
         for (; c + kLanes <= c1; c += kLanes) step(std::integral_constant<int, 1>{}, c);
         if (c < c1) {
           // The row's last c1 - c < kLanes elements (C = 91: 3 per row) as one padded vector rather
@@ -340,6 +354,7 @@ struct Segment {
           }
           c = c1;
         }
+        flush(vsum, ssum);
       }
     }
     for (; c < c1; ++c) {
@@ -399,6 +414,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
         vsum = vsum + l;
         if (grad) store_float(grad + i, g * vgfactor);
         if (loss) store_float(loss + i, l * vfactor);
+        if (((i - begin) / kLanes) % 64 == 63) flush(vsum, ssum);
       }
     }
   }
@@ -409,11 +425,8 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
     Seg::run(p, k, factor, gfactor, r, c0, c1, vsum, ssum);
     i += c1 - c0;
   }
-  float lanes[kLanes];
-  vsum.store(lanes);
-  double total = ssum;
-  for (int j = 0; j < kLanes; ++j) total += static_cast<double>(lanes[j]);
-  return total;
+  flush(vsum, ssum);
+  return ssum;
 }
 
 // Entry point with the same signature in every capability namespace: picks the
