@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
     int64_t nblocks = 0;
     if (reduction != 0) {
       nblocks = cuda::forward_num_blocks(p, device);
-      partials = at::empty({nblocks}, input.options().dtype(acc));
+      partials = at::empty({nblocks}, input.options().dtype(at::kDouble));
     }
     cuda::forward(p, device, partials.defined() ? partials.data_ptr() : nullptr, nblocks,
                   reduction != 0 ? loss.data_ptr() : nullptr);

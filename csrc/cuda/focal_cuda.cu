@@ -10,9 +10,12 @@
 // elements with a running (row, col) so that C need not be a multiple of the
 // pack width, and writes the gradient pack back with one 16-byte store. The
 // rest (the tail, strided or misaligned tensors, fp64) goes through a scalar
-// loop with 64-bit indexing. Sums: each block reduces its threads' fp32 (fp64)
-// sums with CUB into partials[blockIdx.x]; a one-block kernel adds the
-// partials in a fixed order. No atomics, no host synchronisation.
+// loop with 64-bit indexing. Sums: a pack's few terms are added in the compute
+// type, then into a per-thread float64 sum (one DADD per pack: a float thread
+// sum over ~1000 grid-stride steps would lose ~1e-6 relative); each block
+// reduces its threads' sums with CUB into partials[blockIdx.x] (float64) and
+// a one-block kernel adds the partials in a fixed order. No atomics, no host
+// synchronisation.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -93,7 +96,7 @@ __device__ __forceinline__ acc_t load_weight(const FocalParams& p, int64_t offse
 
 template <class scalar_t, class target_t, int GK>
 __global__ void __launch_bounds__(kThreads)
-    focal_forward_kernel(const FocalParams p, bool vectorized, acc_type<scalar_t>* __restrict__ partials) {
+    focal_forward_kernel(const FocalParams p, bool vectorized, double* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLabels = std::is_integral_v<target_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t w_rs = p.weight.row_strides[0];  // contiguous mode: ndim <= 1
   const int64_t w_cs = p.weight.col_stride;
 
-  acc_t sum = acc_t(0);
+  double sum = 0.0;
   int64_t vector_end = 0;
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (vectorized) {
@@ -130,6 +133,7 @@ __global__ void __launch_bounds__(kThreads)
           tv = load_pack<target_t, kVec>(t + i0);
         }
         Pack<scalar_t, kVec> gv, lv;
+        acc_t pack_sum = acc_t(0);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           if (c == cols) {  // the pack runs into the next row (C need not divide the pack)
@@ -140,11 +144,12 @@ __global__ void __launch_bounds__(kThreads)
           acc_t l, g;
           const target_t tj = kLabels ? tv.v[0] : tv.v[j];
           element<GK>(p, k, static_cast<acc_t>(xv.v[j]), tj, c, load_weight<acc_t>(p, r * w_rs + c * w_cs), l, g);
-          sum += l;
+          pack_sum += l;
           gv.v[j] = static_cast<scalar_t>(g * gfactor);
           lv.v[j] = static_cast<scalar_t>(l * factor);
           ++c;
         }
+        sum += static_cast<double>(pack_sum);
         if (grad != nullptr) store_pack<scalar_t, kVec>(grad + i0, gv);
         if (loss != nullptr) store_pack<scalar_t, kVec>(loss + i0, lv);
       }
@@ -166,15 +171,15 @@ __global__ void __launch_bounds__(kThreads)
     ow += c * w_cs;
     acc_t l, g;
     element<GK>(p, k, static_cast<acc_t>(x[ox]), t[ot], c, load_weight<acc_t>(p, ow), l, g);
-    sum += l;
+    sum += static_cast<double>(l);
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * gfactor);
     if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * factor);
   }
 
   if (p.reduction == Reduction::Sum) {
-    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+    using BlockReduce = cub::BlockReduce<double, kThreads>;
     __shared__ typename BlockReduce::TempStorage storage;
-    const acc_t block_sum = BlockReduce(storage).Sum(sum);
+    const double block_sum = BlockReduce(storage).Sum(sum);
     if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
   }
 }
@@ -182,15 +187,15 @@ __global__ void __launch_bounds__(kThreads)
 // One block adds the partials in a fixed order and writes sum * factor.
 template <class scalar_t>
 __global__ void __launch_bounds__(kThreads) focal_finalize_kernel(const FocalParams p,
-                                                                  const acc_type<scalar_t>* __restrict__ partials,
+                                                                  const double* __restrict__ partials,
                                                                   int64_t nblocks, scalar_t* __restrict__ out) {
   using acc_t = acc_type<scalar_t>;
-  acc_t s = acc_t(0);
+  double s = 0.0;
   for (int64_t i = threadIdx.x; i < nblocks; i += kThreads) s += partials[i];
-  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
-  const acc_t total = BlockReduce(storage).Sum(s);
-  if (threadIdx.x == 0) *out = static_cast<scalar_t>(total * load_factor<acc_t>(p));
+  const double total = BlockReduce(storage).Sum(s);
+  if (threadIdx.x == 0) *out = static_cast<scalar_t>(static_cast<acc_t>(total) * load_factor<acc_t>(p));
 }
 
 // grad *= grad_output unless grad_output is exactly 1 (then no pass over memory).
@@ -259,17 +264,16 @@ bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std
 template <class scalar_t, class target_t, int GK>
 void launch_forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
                     cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
   const int64_t grid = p.reduction == Reduction::Sum ? nblocks : grid_size(p.rows * p.cols, device);
   const bool vectorized = !std::is_same_v<scalar_t, double> && p.contiguous && aligned16(p.input.data) &&
                           (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
                           aligned16(p.loss);
   focal_forward_kernel<scalar_t, target_t, GK>
-      <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, vectorized, static_cast<acc_t*>(partials));
+      <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, vectorized, static_cast<double*>(partials));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.reduction == Reduction::Sum) {
     focal_finalize_kernel<scalar_t>
-        <<<1, kThreads, 0, stream>>>(p, static_cast<const acc_t*>(partials), nblocks, static_cast<scalar_t*>(out));
+        <<<1, kThreads, 0, stream>>>(p, static_cast<const double*>(partials), nblocks, static_cast<scalar_t*>(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
