@@ -396,11 +396,11 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, log) -> d
                                                     case.reduction, normalizer=inputs[0].num_pos, validate=False)
         rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
     result["fused_vs_reference_max_rel_err"] = rel
-    derive(result)
+    derive(result, case)
     return result
 
 
-def derive(result: dict) -> None:
+def derive(result: dict, case: Case) -> None:
     """Speedups, bandwidth over the minimal bytes and % of the same-run copy."""
     variants = result["variants"]
     ok = {k: v for k, v in variants.items() if "fwdbwd_ms" in v}
@@ -408,7 +408,7 @@ def derive(result: dict) -> None:
     best_compile = min(compiles) if compiles else None
     for name, v in ok.items():
         dense = name in ("fused_dense",)
-        mb = min_bytes_from(result, grad=True, dense=dense)
+        mb = min_bytes(case, grad=True, dense_targets=dense)
         v["fwdbwd_gbps"] = mb / v["fwdbwd_ms"] / 1e6
         v["pct_copy"] = 100 * v["fwdbwd_gbps"] / result["copy"]["gbps"]
         if "eager_labels" in ok:
@@ -417,12 +417,6 @@ def derive(result: dict) -> None:
             v["x_vs_eager_dense"] = ok["eager_dense"]["fwdbwd_ms"] / v["fwdbwd_ms"]
         if best_compile:
             v["x_vs_best_compile"] = best_compile / v["fwdbwd_ms"]
-
-
-def min_bytes_from(result: dict, grad: bool, dense: bool) -> int:
-    c = result["case"]
-    case = Case(c["name"], c["batch"], c["anchors"], c["classes"], c["dtype"], c["reduction"])
-    return min_bytes(case, grad, dense)
 
 
 # ----------------------------------------------------------------------------- reporting
