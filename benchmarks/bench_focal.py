@@ -105,9 +105,11 @@ def git_commit() -> str:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
-        return "unknown"
+        pass
+    return os.environ.get("FOCAL_CUDA_COMMIT", "unknown")  # a copy of the tree without .git (a lent GPU)
 
 
 def cpu_model() -> str:
@@ -545,26 +547,34 @@ def main(argv=None) -> int:
         print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     log(f"{preset_name} preset on {info['device']}: {len(cases)} cases, {reps} reps (median), {warmup} warm-up")
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.name or f"{datetime.date.today().isoformat()}-{machine_slug(info, device)}"
+
+    def write(results, complete):
+        # written after every case, so a run stopped part-way (a time limit) still leaves its results
+        table = markdown(results, info)
+        payload = {"preset": preset_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "complete": complete, "cases_planned": len(cases), "reps": reps, "warmup": warmup,
+                   "alpha": ALPHA, "gamma": GAMMA, "machine": info, "wall_s": time.time() - start,
+                   "results": results}
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+            json.dump(payload, f, indent=1)
+        with open(os.path.join(args.out, stem + ".md"), "w") as f:
+            note = "" if complete else f"(partial: {len(results)} of {len(cases)} cases)\n\n"
+            f.write(f"# focal_cuda benchmark, {preset_name} preset, {payload['date']}\n\n{note}{table}\n")
+        return table
+
     results = []
     for i, case in enumerate(cases):
         log(f"[{i + 1}/{len(cases)}] {case.label}")
         torch._dynamo.reset()
         results.append(run_case(case, device, reps, warmup, log))
+        write(results, complete=False)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    table = markdown(results, info)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    stem = args.name or f"{datetime.date.today().isoformat()}-{machine_slug(info, device)}"
-    payload = {"preset": preset_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "reps": reps, "warmup": warmup, "alpha": ALPHA, "gamma": GAMMA, "machine": info,
-               "wall_s": time.time() - start, "results": results}
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(f"# focal_cuda benchmark, {preset_name} preset, {payload['date']}\n\n{table}\n")
+    print(write(results, complete=True))
     png = None if args.no_plot else plot(results, os.path.join(args.out, stem + ".png"))
     log(f"wrote {os.path.join(args.out, stem)}.json/.md" + (f" and {png}" if png else ""))
     return 0

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default="build,test,sanitize,bench")
     ap.add_argument("--bench-args", default="")
+    ap.add_argument("--test-args", default="", help="extra pytest options, e.g. a test selection")
+    ap.add_argument("--timeout", type=int, default=None,
+                    help="seconds allowed to each of the test, sanitizer and benchmark steps (default: none)")
     args = ap.parse_args(argv)
     steps = set(args.steps.split(","))
     import torch
@@ -109,9 +112,9 @@ def main(argv=None) -> int:
             report = {**json.load(f), **report}
     try:
         report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                          text=True).stdout.strip() or "unknown"
+                                          text=True).stdout.strip() or os.environ.get("FOCAL_CUDA_COMMIT", "unknown")
     except OSError:
-        report["commit"] = "unknown"
+        report["commit"] = os.environ.get("FOCAL_CUDA_COMMIT", "unknown")
 
     rc, dt, _ = run([sys.executable, "setup.py", "build_ext", "--inplace"], "build.log", env)
     if "build" in steps or "build" not in report:
@@ -128,10 +131,15 @@ def main(argv=None) -> int:
 
     if "test" in steps:
         junit = os.path.join(LOGS, "tests.xml")
-        rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}"], "tests.log",
-                        env)
-        report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0, "note": "no junit report"}
+        if os.path.exists(junit):
+            os.remove(junit)
+        rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}",
+                         *shlex.split(args.test_args)], "tests.log", env, timeout=args.timeout)
+        report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0,
+                                                  "note": f"no junit report (pytest exit {rc})"}
         report["tests"]["seconds"] = round(dt)
+        if args.test_args:
+            report["tests"]["selection"] = args.test_args
 
     sanitizer = find_sanitizer()
     report.setdefault("sanitizer", {})
@@ -141,7 +149,7 @@ def main(argv=None) -> int:
             continue
         cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=99", "--target-processes=all",
                sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda", *SANITIZER_TESTS]
-        rc, dt, path = run(cmd, f"sanitizer-{tool}.log", env, timeout=1800)
+        rc, dt, path = run(cmd, f"sanitizer-{tool}.log", env, timeout=args.timeout)
         with open(path) as f:
             text = f.read()
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
@@ -151,13 +159,15 @@ def main(argv=None) -> int:
     if "bench" in steps:
         bench_name = report_stem(report) + "-bench"
         rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--name", bench_name,
-                         *shlex.split(args.bench_args)], "bench.log", env)
+                         *shlex.split(args.bench_args)], "bench.log", env, timeout=args.timeout)
         bench_json = os.path.join(RESULTS, bench_name + ".json")
-        if rc == 0 and os.path.exists(bench_json):
+        if os.path.exists(bench_json):  # written after every case: a stopped run keeps what it measured
             with open(bench_json) as f:
-                report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "summary": summarize(json.load(f))}
+                bench = json.load(f)
+            report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "exit": rc,
+                               "complete": bool(bench.get("complete")) and rc == 0, "summary": summarize(bench)}
         else:
-            report["bench"] = {"error": f"benchmark exited {rc}"}
+            report["bench"] = {"error": f"benchmark exited {rc} before its first case"}
 
     ok = ("tests" in report and report["tests"]["failed"] == 0 and all(
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
