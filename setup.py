@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -93,6 +94,40 @@ print(f"focal_cuda setup: torch {torch.__version__}, CUDA kernels: "
 cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-psabi",
              "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 link_flags = ["-fopenmp"]
+
+
+def torch_libstdcxx():
+    """[path of the libstdc++.so.6 this process (torch) runs with] when the C++ compiler has no shared
+    libstdc++ of its own, else [].
+
+    Some toolchains carry only libstdc++.a (seen on a GPU machine's /opt/gcc). An extension linked
+    with it holds a private copy of the C++ runtime, and the first exception it throws through torch's
+    dispatcher (any TORCH_CHECK) kills the process with a segfault instead of raising. Linking the
+    runtime that torch already uses keeps one C++ runtime in the process."""
+    for cxx in (os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++"):
+        exe = shutil.which(cxx.split()[0]) if cxx else None
+        if exe:
+            break
+    else:
+        return []
+    try:
+        found = subprocess.run([exe, "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})
+    except OSError:
+        loaded = []
+    if loaded:
+        print(f"focal_cuda setup: {exe} has no shared libstdc++; linking torch's {loaded[0]}", flush=True)
+    return loaded[:1]
+
+
+stdcxx_flags = torch_libstdcxx()
+link_flags += stdcxx_flags
 sources = ["csrc/focal_op.cpp", "csrc/cpu/focal_cpu_default.cpp"]
 define_macros = [("FOCAL_CUDA_ARCHS", f'"{archs}"')]
 
@@ -118,6 +153,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
         extra_compile_args={"cxx": ["-O3", "-mavx2", "-mfma", "-mf16c", "-Wall", "-Wextra",
                                     "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden",
                                     "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]},
+        extra_link_args=stdcxx_flags,
     ))
 
 setup(

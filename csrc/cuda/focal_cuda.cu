@@ -23,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cub/block/block_reduce.cuh>
 #include <type_traits>
 
@@ -33,7 +34,7 @@ namespace focal::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;  // 2048 resident threads per SM on sm_80 / sm_90
+constexpr int kScaleBlocksPerSm = 8;  // 2048 resident threads per SM on sm_80 / sm_90 (the scale kernel is small)
 constexpr int kMaxDevices = 64;
 
 template <class scalar_t>
@@ -94,7 +95,50 @@ __device__ __forceinline__ acc_t load_weight(const FocalParams& p, int64_t offse
   return p.weight.data == nullptr ? acc_t(1) : static_cast<const acc_t*>(p.weight.data)[offset];
 }
 
-template <class scalar_t, class target_t, int GK>
+// A label row, decided once per row on the vector path: the class that is
+// positive in this row (C = background matches no column) and the row's factor
+// f: 1, 0 for ignore_index (an exact zero), NaN for a label outside [0, C].
+template <class acc_t>
+struct LabelRow {
+  int64_t cls;
+  acc_t f;
+};
+
+template <class acc_t, class target_t>
+__device__ __forceinline__ LabelRow<acc_t> label_row(const FocalParams& p, target_t t) {
+  const int64_t label = static_cast<int64_t>(t);
+  if (label == p.ignore_index) return {-1, acc_t(0)};
+  if (label < 0 || label > p.num_classes) return {-1, acc_t(NAN)};
+  return {label, acc_t(1)};
+}
+
+// Vector-path element of a label row: same values as element() above.
+template <int GK, class acc_t>
+__device__ __forceinline__ void label_element(const FocalCoeffs<acc_t>& k, acc_t x, bool pos, const LabelRow<acc_t>& row,
+                                              acc_t w, acc_t& loss, acc_t& grad) {
+  acc_t l, g;
+  focal_binary<GK, acc_t, acc_t>(x, pos, k, l, g);
+  const bool keep = row.f != acc_t(0) && w != acc_t(0);  // exact zeros, even for an infinite loss
+  const acc_t dropped = row.f * acc_t(0);                  // 0, or NaN for a bad label
+  const acc_t wf = w * row.f;
+  loss = keep ? l * wf : dropped;
+  grad = keep ? g * wf : dropped;
+}
+
+// Advance a (row, col) position by a fixed number of elements, given as whole
+// rows dr and a remainder dc < cols: no division in the loop.
+__device__ __forceinline__ void advance(int64_t& r, int64_t& c, int64_t dr, int64_t dc, int64_t cols) {
+  c += dc;
+  r += dr;
+  if (c >= cols) {
+    c -= cols;
+    ++r;
+  }
+}
+
+// kUnroll 16-byte packs per thread per step of the grid-stride loop: their
+// loads are all issued before the first is used, so more bytes are in flight.
+template <class scalar_t, class target_t, int GK, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
     focal_forward_kernel(const FocalParams p, bool vectorized, double* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
@@ -121,37 +165,71 @@ __global__ void __launch_bounds__(kThreads)
     if (vectorized) {
       const int64_t npacks = n / kVec;
       vector_end = npacks * kVec;
-      for (int64_t v = tid; v < npacks; v += step) {
-        const int64_t i0 = v * kVec;
-        const Pack<scalar_t, kVec> xv = load_pack<scalar_t, kVec>(x + i0);
-        Pack<target_t, kVec> tv;
-        int64_t r = i0 / cols;
-        int64_t c = i0 - r * cols;
-        if constexpr (kLabels) {
-          tv.v[0] = t[r];
-        } else {
-          tv = load_pack<target_t, kVec>(t + i0);
-        }
-        Pack<scalar_t, kVec> gv, lv;
-        acc_t pack_sum = acc_t(0);
+      const int64_t stride = step * kVec;  // elements between a thread's consecutive packs
+      const int64_t dr = stride / cols;
+      const int64_t dc = stride - dr * cols;
+      int64_t r0 = (tid * kVec) / cols;
+      int64_t c0 = tid * kVec - r0 * cols;
+      for (int64_t v = tid; v < npacks; v += kUnroll * step) {
+        Pack<scalar_t, kVec> xv[kUnroll];
+        Pack<target_t, kLabels ? 1 : kVec> tv[kUnroll];
+        int64_t rr[kUnroll], cc[kUnroll];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          if (c == cols) {  // the pack runs into the next row (C need not divide the pack)
-            c = 0;
-            ++r;
-            if constexpr (kLabels) tv.v[0] = t[r];
+        for (int u = 0; u < kUnroll; ++u) {
+          if (u == 0) {
+            rr[0] = r0;
+            cc[0] = c0;
+          } else {
+            rr[u] = rr[u - 1];
+            cc[u] = cc[u - 1];
+            advance(rr[u], cc[u], dr, dc, cols);
           }
-          acc_t l, g;
-          const target_t tj = kLabels ? tv.v[0] : tv.v[j];
-          element<GK>(p, k, static_cast<acc_t>(xv.v[j]), tj, c, load_weight<acc_t>(p, r * w_rs + c * w_cs), l, g);
-          pack_sum += l;
-          gv.v[j] = static_cast<scalar_t>(g * gfactor);
-          lv.v[j] = static_cast<scalar_t>(l * factor);
-          ++c;
+          if (v + u * step < npacks) {
+            const int64_t i0 = (v + u * step) * kVec;
+            xv[u] = load_pack<scalar_t, kVec>(x + i0);
+            if constexpr (kLabels) {
+              tv[u].v[0] = t[rr[u]];
+            } else {
+              tv[u] = load_pack<target_t, kVec>(t + i0);
+            }
+          }
         }
-        sum += static_cast<double>(pack_sum);
-        if (grad != nullptr) store_pack<scalar_t, kVec>(grad + i0, gv);
-        if (loss != nullptr) store_pack<scalar_t, kVec>(loss + i0, lv);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (v + u * step >= npacks) break;
+          const int64_t i0 = (v + u * step) * kVec;
+          int64_t r = rr[u];
+          int64_t c = cc[u];
+          [[maybe_unused]] LabelRow<acc_t> row;
+          if constexpr (kLabels) row = label_row<acc_t>(p, tv[u].v[0]);
+          Pack<scalar_t, kVec> gv, lv;
+          acc_t pack_sum = acc_t(0);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (c == cols) {  // the pack runs into the next row (C need not divide the pack)
+              c = 0;
+              ++r;
+              if constexpr (kLabels) row = label_row<acc_t>(p, t[r]);
+            }
+            acc_t l, g;
+            const acc_t w = load_weight<acc_t>(p, r * w_rs + c * w_cs);
+            if constexpr (kLabels) {
+              label_element<GK>(k, static_cast<acc_t>(xv[u].v[j]), c == row.cls, row, w, l, g);
+            } else {
+              element<GK>(p, k, static_cast<acc_t>(xv[u].v[j]), tv[u].v[j], c, w, l, g);
+            }
+            pack_sum += l;
+            gv.v[j] = static_cast<scalar_t>(g * gfactor);
+            lv.v[j] = static_cast<scalar_t>(l * factor);
+            ++c;
+          }
+          sum += static_cast<double>(pack_sum);
+          if (grad != nullptr) store_pack<scalar_t, kVec>(grad + i0, gv);
+          if (loss != nullptr) store_pack<scalar_t, kVec>(loss + i0, lv);
+        }
+        r0 = rr[kUnroll - 1];
+        c0 = cc[kUnroll - 1];
+        advance(r0, c0, dr, dc, cols);
       }
     }
   }
@@ -248,92 +326,117 @@ int sm_count(int device) {
   return sms;
 }
 
-// Grid size from the element count and the chip only. With the vector path's
-// alignment condition fixed for a given tensor, the partition of a sum -- and
-// its bits -- are the same run after run (a differently aligned copy of the same
-// values may round differently in the last bits).
-int64_t grid_size(int64_t n, int device) {
+// Grid size from the element count, the chip and the kernel only: at most as
+// many blocks as the chip holds at once (one wave; each thread then strides over
+// the rest), fewer for small inputs. With the vector path's alignment
+// condition fixed for a given tensor, the partition of a sum -- and its bits --
+// are the same run after run (a differently aligned copy of the same values may
+// round differently in the last bits).
+int64_t grid_size(int64_t n, int device, int resident_blocks_per_sm) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * 4;
   const int64_t wanted = (n + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * (resident_blocks_per_sm > 0 ? resident_blocks_per_sm : 1);
   return wanted < 1 ? 1 : (wanted < cap ? wanted : cap);
 }
 
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0; }
 
+// Packs per thread per loop step on the vector path: FOCAL_CUDA_UNROLL=1 or 2
+// (read once; a tuning switch for the benchmark, not an API).
+int unroll_setting() {
+  static const int value = [] {
+    const char* env = std::getenv("FOCAL_CUDA_UNROLL");
+    return env != nullptr && env[0] == '1' && env[1] == '\0' ? 1 : 2;
+  }();
+  return value;
+}
+
+using ForwardKernel = void (*)(const FocalParams, bool, double*);
+
+// Calls f.template operator()<scalar_t, target_t, GK>() for p's dtypes and gamma.
+template <class F>
+void dispatch_forward(const FocalParams& p, F&& f) {
+  const auto by_gamma = [&]<class scalar_t, class target_t>() {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 is for gradcheck: one general variant
+      if (p.gamma_int == 2) return f.template operator()<scalar_t, target_t, kGammaTwo>();
+    }
+    return f.template operator()<scalar_t, target_t, kGammaAny>();
+  };
+  const auto by_target = [&]<class scalar_t>() {
+    if (p.labels) {
+      if (p.target.kind == ScalarKind::Int32) return by_gamma.template operator()<scalar_t, int32_t>();
+      return by_gamma.template operator()<scalar_t, int64_t>();
+    }
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (p.target.kind == ScalarKind::Float32) {  // AMP: reduced-precision logits, float32 targets
+        return by_gamma.template operator()<scalar_t, float>();
+      }
+    }
+    return by_gamma.template operator()<scalar_t, scalar_t>();
+  };
+  switch (p.input.kind) {
+    case ScalarKind::Float16:
+      return by_target.template operator()<c10::Half>();
+    case ScalarKind::BFloat16:
+      return by_target.template operator()<c10::BFloat16>();
+    case ScalarKind::Float32:
+      return by_target.template operator()<float>();
+    case ScalarKind::Float64:
+      return by_target.template operator()<double>();
+    default:
+      return;  // rejected by the op layer
+  }
+}
+
 template <class scalar_t, class target_t, int GK>
-void launch_forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
-                    cudaStream_t stream) {
-  const int64_t grid = p.reduction == Reduction::Sum ? nblocks : grid_size(p.rows * p.cols, device);
-  const bool vectorized = !std::is_same_v<scalar_t, double> && p.contiguous && aligned16(p.input.data) &&
-                          (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
-                          aligned16(p.loss);
-  focal_forward_kernel<scalar_t, target_t, GK>
-      <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, vectorized, static_cast<double*>(partials));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.reduction == Reduction::Sum) {
-    focal_finalize_kernel<scalar_t>
-        <<<1, kThreads, 0, stream>>>(p, static_cast<const double*>(partials), nblocks, static_cast<scalar_t*>(out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+ForwardKernel forward_kernel() {
+  if constexpr (std::is_same_v<scalar_t, double>) {  // no vector path
+    return focal_forward_kernel<scalar_t, target_t, GK, 1>;
+  } else {
+    if (unroll_setting() == 1) return focal_forward_kernel<scalar_t, target_t, GK, 1>;
+    return focal_forward_kernel<scalar_t, target_t, GK, 2>;
   }
 }
 
-template <class scalar_t, class target_t>
-void launch_by_gamma(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
-                     cudaStream_t stream) {
-  if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 is for gradcheck: one general variant
-    if (p.gamma_int == 2) {
-      launch_forward<scalar_t, target_t, kGammaTwo>(p, device, partials, nblocks, out, stream);
-      return;
-    }
-  }
-  launch_forward<scalar_t, target_t, kGammaAny>(p, device, partials, nblocks, out, stream);
+int resident_blocks(ForwardKernel kernel) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+  return blocks;
 }
 
-template <class scalar_t>
-void launch_by_target(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out,
-                      cudaStream_t stream) {
-  if (p.labels) {
-    if (p.target.kind == ScalarKind::Int32) {
-      launch_by_gamma<scalar_t, int32_t>(p, device, partials, nblocks, out, stream);
-    } else {
-      launch_by_gamma<scalar_t, int64_t>(p, device, partials, nblocks, out, stream);
-    }
-    return;
-  }
-  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (p.target.kind == ScalarKind::Float32) {  // AMP: reduced-precision logits, float32 targets
-      launch_by_gamma<scalar_t, float>(p, device, partials, nblocks, out, stream);
-      return;
-    }
-  }
-  launch_by_gamma<scalar_t, scalar_t>(p, device, partials, nblocks, out, stream);
+int64_t forward_grid(const FocalParams& p, int device) {
+  int64_t grid = 1;
+  dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
+    grid = grid_size(p.rows * p.cols, device, resident_blocks(forward_kernel<scalar_t, target_t, GK>()));
+  });
+  return grid;
 }
 
 }  // namespace
 
-int64_t forward_num_blocks(const FocalParams& p, int device) { return grid_size(p.rows * p.cols, device); }
+int64_t forward_num_blocks(const FocalParams& p, int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return forward_grid(p, device);
+}
 
 void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out) {
   if (p.rows * p.cols == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  switch (p.input.kind) {
-    case ScalarKind::Float16:
-      launch_by_target<c10::Half>(p, device, partials, nblocks, out, stream);
-      break;
-    case ScalarKind::BFloat16:
-      launch_by_target<c10::BFloat16>(p, device, partials, nblocks, out, stream);
-      break;
-    case ScalarKind::Float32:
-      launch_by_target<float>(p, device, partials, nblocks, out, stream);
-      break;
-    case ScalarKind::Float64:
-      launch_by_target<double>(p, device, partials, nblocks, out, stream);
-      break;
-    default:
-      break;  // rejected by the op layer
-  }
+  const int64_t grid = p.reduction == Reduction::Sum ? nblocks : forward_grid(p, device);
+  dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
+    const bool vectorized = !std::is_same_v<scalar_t, double> && p.contiguous && aligned16(p.input.data) &&
+                            (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
+                            aligned16(p.loss);
+    forward_kernel<scalar_t, target_t, GK>()<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+        p, vectorized, static_cast<double*>(partials));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (p.reduction == Reduction::Sum) {
+      focal_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(p, static_cast<const double*>(partials), nblocks,
+                                                                  static_cast<scalar_t*>(out));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
 }
 
 void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, ScalarKind go_kind,
@@ -341,7 +444,7 @@ void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_out
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  const auto grid = static_cast<unsigned>(grid_size(numel, device));
+  const auto grid = static_cast<unsigned>(grid_size(numel, device, kScaleBlocksPerSm));
   const bool vectorized = aligned16(grad);
   const bool go_float32 = go_kind == ScalarKind::Float32;
   switch (kind) {
