@@ -5,10 +5,8 @@ A tuning aid beside bench_focal.py (which is the benchmark of record): it times 
 focal_cuda's forward+backward (the backward is free when grad_output == 1, so this is the
 fused kernel plus its tiny finalize) on the COCO batch-16 problem, rotating input sets so
 nothing is timed out of L2, and prints GB/s over the minimal bytes and % of the copy.
-Run it once per FOCAL_CUDA_UNROLL setting (the switch is read once per process):
 
-    FOCAL_CUDA_UNROLL=1 python3 benchmarks/tune_cuda.py
-    FOCAL_CUDA_UNROLL=2 python3 benchmarks/tune_cuda.py
+    python3 benchmarks/tune_cuda.py [--dtypes fp32,bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -86,11 +84,11 @@ def main() -> int:
         f_ms = time_ms(fwd, sets)
         min_bytes = n * s * (2 if args.reduction == "sum" else 3) + n_rows * 8
         gbps = min_bytes / fb_ms / 1e6
-        row = {"dtype": name, "unroll": os.environ.get("FOCAL_CUDA_UNROLL", "default"), "copy_ms": copy_ms,
+        row = {"dtype": name, "copy_ms": copy_ms,
                "copy_gbps": copy_gbps, "fwd_ms": f_ms, "fwdbwd_ms": fb_ms, "fwdbwd_gbps": gbps,
                "pct_copy": 100 * gbps / copy_gbps}
         rows.append(row)
-        print(f"{name} unroll={row['unroll']}: copy {copy_ms:.3f} ms ({copy_gbps:.0f} GB/s)  fwd {f_ms:.3f} ms  "
+        print(f"{name}: copy {copy_ms:.3f} ms ({copy_gbps:.0f} GB/s)  fwd {f_ms:.3f} ms  "
               f"fwd+bwd {fb_ms:.3f} ms = {gbps:.0f} GB/s over {min_bytes / n:.2f} B/logit = "
               f"{row['pct_copy']:.1f}% of copy", flush=True)
         del xs, dst

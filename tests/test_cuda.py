@@ -58,20 +58,22 @@ def test_matches_cpu_kernel():
 
 
 def test_past_2_pow_31_elements():
+    # bfloat16: float32's exponent range, so the normalised gradient (~1e-8 here) is representable
+    # (float16 would flush it to zero, which is right for float16 but checks nothing)
     n_rows, C = 2**31 // 80 + 1000, 80  # just over 2^31 elements
-    need = n_rows * C * 2 * 3  # fp16 logits + gradient + slack
+    need = n_rows * C * 2 * 3  # bf16 logits + gradient + slack
     free, _ = torch.cuda.mem_get_info()
     if free < need:
         pytest.skip(f"needs {need / 2**30:.1f} GiB free on the GPU, has {free / 2**30:.1f}")
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n_rows, C, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+    x = torch.randn(n_rows, C, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     labels = torch.randint(0, C + 1, (n_rows,), device="cuda", generator=g)
     loss = focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum", normalizer=float(n_rows))
     loss.backward()
     # the rows beyond 2^31 elements are written, and right
     tail = slice(n_rows - 64, n_rows)
     _, ref_tail = reference_loss_and_grad(x[tail].detach(), labels[tail], reduction="sum", normalizer=float(n_rows))
-    assert_close64(x.grad[tail], ref_tail, rtol=2e-3, atol=2e-3)
+    assert_close64(x.grad[tail], ref_tail, rtol=1e-2, atol=1e-2)
     # the sum covers every element: compare with a chunked float32 reference
     with torch.no_grad():
         total = sum(
@@ -80,7 +82,7 @@ def test_past_2_pow_31_elements():
             .item()
             for i in range(0, n_rows, 2**20)
         )
-    assert loss.item() == pytest.approx(total / n_rows, rel=2e-3)
+    assert loss.item() == pytest.approx(total / n_rows, rel=1e-2)
 
 
 @pytest.mark.parametrize("kind", ["labels", "binary"])
