@@ -103,6 +103,8 @@ def preset(name: str) -> List[Case]:
 # ----------------------------------------------------------------------------- machine
 
 def git_commit() -> str:
+    if os.environ.get("FOCAL_CUDA_COMMIT"):  # a copied tree without (current) git metadata
+        return os.environ["FOCAL_CUDA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,

@@ -110,11 +110,14 @@ def main(argv=None) -> int:
     if os.path.exists(previous):  # merge with earlier partial runs
         with open(previous) as f:
             report = {**json.load(f), **report}
-    try:
-        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                          text=True).stdout.strip() or os.environ.get("FOCAL_CUDA_COMMIT", "unknown")
-    except OSError:
-        report["commit"] = os.environ.get("FOCAL_CUDA_COMMIT", "unknown")
+    # FOCAL_CUDA_COMMIT names the commit when the tree was copied without (current) git metadata
+    report["commit"] = os.environ.get("FOCAL_CUDA_COMMIT") or ""
+    if not report["commit"]:
+        try:
+            report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                              text=True).stdout.strip() or "unknown"
+        except OSError:
+            report["commit"] = "unknown"
 
     rc, dt, _ = run([sys.executable, "setup.py", "build_ext", "--inplace"], "build.log", env)
     if "build" in steps or "build" not in report:
