@@ -543,7 +543,7 @@ def main(argv=None) -> int:
     full = args.full or ((args.auto or not args.quick) and device.type == "cuda")
     preset_name = "full" if full else "quick"
     cases = [c for c in preset(preset_name) if args.cases in c.label]
-    reps = args.reps or (30 if device.type == "cuda" else 7)
+    reps = args.reps or (10 if device.type == "cuda" else 7)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
     if device.type == "cpu":
         fixed_mmap_threshold()
