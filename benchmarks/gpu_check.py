@@ -8,6 +8,8 @@ no virtual environment, no downloads. Steps, each logged to benchmarks/results/g
   2. run the whole test suite (CPU and CUDA parametrisations), counting passed/failed/skipped;
   3. run compute-sanitizer (memcheck and racecheck) over a small CUDA test subset;
   4. run the benchmark's --full sweep;
+  (profile, only when named in --steps: Nsight Compute on the COCO batch-16 fp32 and bf16 kernels,
+     key metrics into the report, the full text in gpu-check-logs/);
   5. write benchmarks/results/<date>-<gpu>.json (device, torch, cuda, commit, tests, sanitizer, bench)
      and a short markdown summary beside it.
 
@@ -159,6 +161,9 @@ def main(argv=None) -> int:
         errors = int(m.group(1)) if m else None
         report["sanitizer"][tool] = {"exit": rc, "errors": errors, "seconds": round(dt)}
 
+    if "profile" in steps:
+        report["profile"] = profile(env, args.timeout)
+
     if "bench" in steps:
         bench_name = report_stem(report) + "-bench"
         rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--name", bench_name,
@@ -176,6 +181,63 @@ def main(argv=None) -> int:
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
         for v in report["sanitizer"].values()))
     return finish(report, ok)
+
+
+NCU_METRICS = {  # Nsight Compute's metric name -> report key
+    "Duration": "duration_us",
+    "DRAM Throughput": "dram_pct",
+    "Memory Throughput": "memory_throughput",
+    "Issue Slots Busy": "issue_slots_busy_pct",
+    "Executed Instructions": "warp_instructions",
+    "Registers Per Thread": "registers",
+    "Theoretical Occupancy": "theoretical_occupancy_pct",
+    "Achieved Occupancy": "achieved_occupancy_pct",
+    "Grid Size": "grid",
+    "Warp Cycles Per Issued Instruction": "cycles_per_issue",
+}
+
+
+def parse_ncu(text: str) -> list:
+    """One dict per profiled kernel from ncu's text report: its name and the NCU_METRICS it shows
+    (the first value of each; 'Memory Throughput' appears as % and as bytes/s, the unit is kept)."""
+    kernels = []
+    for line in text.splitlines():
+        if re.match(r"^\s{2}\S.*\(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", line):
+            kernels.append({"kernel": line.strip().split("(FocalParams")[0].split("::")[-1]})
+            continue
+        m = re.match(r"^\s{4}(\S.*?)\s{2,}(\S+?)?\s+([\d,]+(?:\.\d+)?)\s*$", line)
+        if not kernels or not m or m.group(1) not in NCU_METRICS:
+            continue
+        key, unit, value = NCU_METRICS[m.group(1)], m.group(2) or "", float(m.group(3).replace(",", ""))
+        if key == "memory_throughput":
+            key = "memory_throughput_pct" if unit == "%" else f"memory_throughput_{unit.replace('/', 'per')}"
+        kernels[-1].setdefault(key, value)
+    return kernels
+
+
+def find_ncu():
+    for cand in (shutil.which("ncu"), "/usr/local/cuda/bin/ncu"):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def profile(env, timeout) -> dict:
+    """Nsight Compute on the first fused launch (forward+backward) of COCO batch 16, per dtype."""
+    ncu = find_ncu()
+    if not ncu:
+        return {"error": "ncu not found"}
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        cmd = [ncu, "--clock-control", "none", "-k", "regex:focal_forward", "-c", "1", "--section", "SpeedOfLight",
+               "--section", "ComputeWorkloadAnalysis", "--section", "MemoryWorkloadAnalysis", "--section",
+               "Occupancy", "--section", "LaunchStats", "--section", "WarpStateStats", sys.executable,
+               "benchmarks/tune_cuda.py", "--dtypes", dtype]
+        rc, _, path = run(cmd, f"ncu-{dtype}.log", env, timeout=timeout)
+        with open(path) as f:
+            kernels = parse_ncu(f.read())
+        out[dtype] = kernels[0] if rc == 0 and kernels else {"error": f"ncu exited {rc}"}
+    return out
 
 
 def report_stem(report: dict) -> str:
@@ -209,6 +271,8 @@ def finish(report: dict, ok: bool) -> int:
         lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
     for tool, v in report.get("sanitizer", {}).items():
         lines.append(f"compute-sanitizer {tool}: {v}")
+    for dtype, v in report.get("profile", {}).items():
+        lines.append(f"ncu, COCO b16 {dtype} fused kernel: {v}")
     for row in report.get("bench", {}).get("summary", []):
         lines.append(f"- {row}")
     lines.append(f"\nresult: {'PASS' if ok else 'FAIL'}")

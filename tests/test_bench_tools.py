@@ -1,0 +1,33 @@
+"""The GPU check's Nsight Compute parser, on a real report (an H100 run committed with the results)."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_check  # noqa: E402
+
+REPORT = os.path.join(ROOT, "benchmarks", "results", "h100-tuning", "2026-11-23-ncu-coco-b16.txt")
+
+
+def test_parse_ncu_reads_each_kernel_and_its_metrics():
+    with open(REPORT) as f:
+        kernels = gpu_check.parse_ncu(f.read())
+    assert len(kernels) == 2  # the report holds two profiled launches
+    k = kernels[0]
+    assert k["kernel"] == "focal_forward_kernel<float, long, 2, 2>"
+    # values as printed in the report's sections (read by eye from the file)
+    assert k["duration_us"] == pytest.approx(793.89)
+    assert k["dram_pct"] == pytest.approx(77.99)
+    assert k["memory_throughput_Tbytepers"] == pytest.approx(2.61)
+    assert k["warp_instructions"] == 574629922
+    assert k["registers"] == 80
+    assert k["theoretical_occupancy_pct"] == pytest.approx(37.5)
+    assert k["achieved_occupancy_pct"] == pytest.approx(35.78)
+    assert kernels[1]["duration_us"] == pytest.approx(792.90)
+
+
+def test_parse_ncu_ignores_text_without_kernels():
+    assert gpu_check.parse_ncu("==PROF== Disconnected\n    Duration   us   12.5\n") == []
