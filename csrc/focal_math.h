@@ -48,6 +48,19 @@ constexpr float kLog1pP3 = 0.13982172310352325f;
 constexpr float kLog1pP2 = 0.20012325048446655f;
 constexpr float kLog1pP1 = 0.3333316147327423f;
 
+// That polynomial, written once for every T whose MathOps has recip_unit and fma.
+template <class T>
+FOCAL_HD T log1p_unit_poly(T e) {
+  using O = MathOps<T>;
+  const T s = e * O::recip_unit(T(2.0f) + e);
+  const T z = s * s;
+  T p = O::fma(T(kLog1pP4), z, T(kLog1pP3));
+  p = O::fma(p, z, T(kLog1pP2));
+  p = O::fma(p, z, T(kLog1pP1));
+  p = O::fma(p, z, T(1.0f));
+  return (s + s) * p;
+}
+
 template <>
 struct MathOps<float> {
   using Mask = bool;
@@ -62,19 +75,12 @@ struct MathOps<float> {
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(u));
     return fmaf(r, fmaf(-u, r, 1.0f), r);
   }
-  static __device__ __forceinline__ float log1p(float e) {
-    const float s = e * recip_unit(2.0f + e);
-    const float z = s * s;
-    float p = fmaf(kLog1pP4, z, kLog1pP3);
-    p = fmaf(p, z, kLog1pP2);
-    p = fmaf(p, z, kLog1pP1);
-    p = fmaf(p, z, 1.0f);
-    return (s + s) * p;
-  }
+  static __device__ __forceinline__ float log1p(float e) { return log1p_unit_poly(e); }
 #else
   static FOCAL_HD float log1p(float x) { return ::log1pf(x); }
   static FOCAL_HD float recip_unit(float u) { return 1.0f / u; }  // 1/u, u in [1, 3]
 #endif
+  static FOCAL_HD float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
   static FOCAL_HD float log(float x) { return ::logf(x); }
   static FOCAL_HD float abs(float x) { return ::fabsf(x); }
   static FOCAL_HD float max(float a, float b) { return a > b ? a : b; }

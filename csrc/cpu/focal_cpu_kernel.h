@@ -91,16 +91,8 @@ struct MathOps<at::vec::Vectorized<float>> {
   // log1p(e) for e = exp(-|x|) in [0, 1], the only argument the math uses:
   // the atanh polynomial of focal_math.h (Sleef's general log1pf costs ~4x the
   // rest of the kernel).
-  FOCAL_HD static V log1p(V e) {
-    const V s = e * cpu::vec_recip_unit(V(2.0f) + e);
-    const V z = s * s;
-    V p(kLog1pP4);
-    p = at::vec::fmadd(p, z, V(kLog1pP3));
-    p = at::vec::fmadd(p, z, V(kLog1pP2));
-    p = at::vec::fmadd(p, z, V(kLog1pP1));
-    p = at::vec::fmadd(p, z, V(1.0f));
-    return (s + s) * p;
-  }
+  FOCAL_HD static V log1p(V e) { return log1p_unit_poly(e); }
+  FOCAL_HD static V fma(V a, V b, V c) { return at::vec::fmadd(a, b, c); }
   FOCAL_HD static V recip_unit(V u) { return cpu::vec_recip_unit(u); }
   FOCAL_HD static V log(V x) { return x.log(); }
   FOCAL_HD static V abs(V x) { return x.abs(); }
