@@ -61,6 +61,19 @@ FOCAL_HD T log1p_unit_poly(T e) {
   return (s + s) * p;
 }
 
+// The primitives the vector types implement with fewer instructions, in their
+// plain scalar form (the CUDA kernels and the CPU scalar loops use these):
+//  * exp_nonpos(x): exp(x) for x <= 0 (or NaN); neg_abs(x): -|x|;
+//  * select_nonneg(s, a, b): s >= 0 ? a : b, for a == b wherever s is +-0 or NaN
+//    (so a vector may read the sign bit alone);
+//  * mul_or_zero(a, b): a * b for a, b >= 0, read as 0 where a is 0 (or NaN),
+//    the limit of p * ce where p vanishes and ce grows without bound.
+#define FOCAL_SCALAR_COMMON(T)                                                                \
+  static FOCAL_HD T exp_nonpos(T x) { return exp(x); }                                         \
+  static FOCAL_HD T neg_abs(T x) { return T(0) - abs(x); }                                     \
+  static FOCAL_HD T select_nonneg(T s, T a, T b) { return s >= T(0) ? a : b; }                 \
+  static FOCAL_HD T mul_or_zero(T a, T b) { return a > T(0) ? a * b : T(0); }
+
 template <>
 struct MathOps<float> {
   using Mask = bool;
@@ -83,6 +96,7 @@ struct MathOps<float> {
   static FOCAL_HD float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
   static FOCAL_HD float log(float x) { return ::logf(x); }
   static FOCAL_HD float abs(float x) { return ::fabsf(x); }
+  FOCAL_SCALAR_COMMON(float)
   static FOCAL_HD float max(float a, float b) { return a > b ? a : b; }
   static FOCAL_HD float select(bool m, float a, float b) { return m ? a : b; }
   static FOCAL_HD bool ge(float a, float b) { return a >= b; }
@@ -97,6 +111,7 @@ struct MathOps<double> {
   static FOCAL_HD double log1p(double x) { return ::log1p(x); }
   static FOCAL_HD double log(double x) { return ::log(x); }
   static FOCAL_HD double abs(double x) { return ::fabs(x); }
+  FOCAL_SCALAR_COMMON(double)
   static FOCAL_HD double recip_unit(double u) { return 1.0 / u; }  // 1/u, u in [1, 3]
   static FOCAL_HD double max(double a, double b) { return a > b ? a : b; }
   static FOCAL_HD double select(bool m, double a, double b) { return m ? a : b; }
@@ -104,6 +119,7 @@ struct MathOps<double> {
   static FOCAL_HD bool gt(double a, double b) { return a > b; }
   static FOCAL_HD bool ne(double a, double b) { return a != b; }
 };
+#undef FOCAL_SCALAR_COMMON
 
 // Gamma classes the kernels specialise on; everything else is a runtime option.
 enum GammaKind : int { kGammaAny = 0, kGammaTwo = 2 };
@@ -138,28 +154,56 @@ FOCAL_HD T pow_gamma(T q, T neg_log_q, bool have_neg_log_q, const FocalCoeffs<S>
   return O::exp(T(S(0)) - T(k.gamma) * nl);
 }
 
-// Binary target: pos is true where y = 1, false where y = 0.
-template <int GK, class T, class S>
-FOCAL_HD void focal_binary(T x, typename MathOps<T>::Mask pos, const FocalCoeffs<S>& k, T& loss, T& dloss) {
+// Which binary targets one call covers. The math below reads y only through
+// these: the signed logit s = y' x (y' = +-1, p_t = sigmoid(s)), -s, alpha_t,
+// and the sign of the gradient.
+//  * YMask: y = 1 where the mask is set, else 0 (one element, or a vector);
+//  * YNegative: y = 0 everywhere, as in every vector of a label row that does
+//    not hold the row's class (almost all of them); no selects on y at all.
+template <class T, class S>
+struct YMask {
+  typename MathOps<T>::Mask pos;
+  FOCAL_HD T signed_x(T x) const { return MathOps<T>::select(pos, x, T(S(0)) - x); }
+  FOCAL_HD T neg_signed_x(T, T s) const { return T(S(0)) - s; }
+  FOCAL_HD T alpha(const FocalCoeffs<S>& k) const { return MathOps<T>::select(pos, T(k.alpha_pos), T(k.alpha_neg)); }
+  FOCAL_HD T signed_grad(T mag) const { return MathOps<T>::select(pos, T(S(0)) - mag, mag); }
+};
+
+template <class T, class S>
+struct YNegative {
+  FOCAL_HD T signed_x(T x) const { return T(S(0)) - x; }
+  FOCAL_HD T neg_signed_x(T x, T) const { return x; }
+  FOCAL_HD T alpha(const FocalCoeffs<S>& k) const { return T(k.alpha_neg); }
+  FOCAL_HD T signed_grad(T mag) const { return mag; }
+};
+
+// Binary target y given by Y (above).
+template <int GK, class T, class S, class Y>
+FOCAL_HD void focal_binary_y(T x, const Y& y, const FocalCoeffs<S>& k, T& loss, T& dloss) {
   using O = MathOps<T>;
   const T zero(S(0));
   const T one(S(1));
-  const T s = O::select(pos, x, zero - x);  // y' * x: p_t = sigmoid(s)
-  const T e = O::exp(zero - O::abs(x));
+  const T s = y.signed_x(x);  // y' * x: p_t = sigmoid(s)
+  const T e = O::exp_nonpos(O::neg_abs(x));
   const T r = O::recip_unit(one + e);
-  const auto s_nonneg = O::ge(s, zero);
-  const T pt = O::select(s_nonneg, r, e * r);
-  const T q = O::select(s_nonneg, e * r, r);  // 1 - p_t
+  const T er = e * r;
+  const T pt = O::select_nonneg(s, r, er);
+  const T q = O::select_nonneg(s, er, r);  // 1 - p_t
   const T l1 = O::log1p(e);
-  const T ce = O::max(zero - s, zero) + l1;       // -log(p_t)
-  const T neg_log_q = O::max(s, zero) + l1;       // -log(q)
+  const T ce = O::max(y.neg_signed_x(x, s), zero) + l1;  // -log(p_t)
+  const T neg_log_q = O::max(s, zero) + l1;               // -log(q)
   const T qg = pow_gamma<GK>(q, neg_log_q, true, k);
-  const T a = O::select(pos, T(k.alpha_pos), T(k.alpha_neg));
-  const T aqg = a * qg;
+  const T aqg = y.alpha(k) * qg;
   loss = aqg * ce;
-  const T pce = O::select(O::gt(pt, zero), pt * ce, zero);  // p_t * ce -> 0 as p_t -> 0
+  const T pce = O::mul_or_zero(pt, ce);  // p_t * ce -> 0 as p_t -> 0
   const T mag = aqg * (T(k.gamma) * pce + q);
-  dloss = O::select(pos, zero - mag, mag);
+  dloss = y.signed_grad(mag);
+}
+
+// Binary target: pos is true where y = 1, false where y = 0.
+template <int GK, class T, class S>
+FOCAL_HD void focal_binary(T x, typename MathOps<T>::Mask pos, const FocalCoeffs<S>& k, T& loss, T& dloss) {
+  focal_binary_y<GK, T, S>(x, YMask<T, S>{pos}, k, loss, dloss);
 }
 
 // Dense (possibly soft) target y; exact for y in {0, 1} as well, and follows
@@ -169,11 +213,11 @@ FOCAL_HD void focal_soft(T x, T y, const FocalCoeffs<S>& k, T& loss, T& dloss) {
   using O = MathOps<T>;
   const T zero(S(0));
   const T one(S(1));
-  const T e = O::exp(zero - O::abs(x));
+  const T e = O::exp_nonpos(O::neg_abs(x));
   const T r = O::recip_unit(one + e);
-  const auto x_nonneg = O::ge(x, zero);
-  const T pm = O::select(x_nonneg, r, e * r);  // p
-  const T qm = O::select(x_nonneg, e * r, r);  // 1 - p
+  const T er = e * r;
+  const T pm = O::select_nonneg(x, r, er);  // p
+  const T qm = O::select_nonneg(x, er, r);  // 1 - p
   const T l1 = O::log1p(e);
   const T sp_neg = O::max(zero - x, zero) + l1;  // -log(p)
   const T sp_pos = O::max(x, zero) + l1;         // -log(1 - p)

@@ -67,6 +67,48 @@ FOCAL_HD at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> x) {
 #endif
 }
 
+// exp(x) for x <= 0 (or NaN), the argument of e = exp(-|x|): vec_exp without
+// the upper clamp and without the final select. The lower clamp at -88 gives
+// n = -127, whose 2^n built below is the bit pattern of +0.0, so exp(-inf) and
+// everything below -87.7 is exactly 0 (the true values there are below
+// float32's smallest normal).
+FOCAL_HD at::vec::Vectorized<float> vec_exp_nonpos(at::vec::Vectorized<float> x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);  // NaN propagates (max returns x)
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);           // 1.5 * 2^23
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(t, shifter);  // round(x / ln2), in [-127, 0]
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(0.0013829420786350965f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.008374771103262901f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.0416683591902256f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.1666642129421234f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.49999991059303284f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+#else
+  return x.exp();
+#endif
+}
+
+// mask ? a : b by the sign bit of each mask lane. Written as an instruction:
+// GCC 12 rewrites _mm256_blendv_ps into a compare-and-select and then needs an
+// extra integer compare to rebuild the mask (one more instruction per select).
+FOCAL_HD at::vec::Vectorized<float> vec_blend(at::vec::Vectorized<float> mask, at::vec::Vectorized<float> a,
+                                              at::vec::Vectorized<float> b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256 out;
+  asm("vblendvps %3, %2, %1, %0" : "=x"(out) : "x"(static_cast<__m256>(b)), "x"(static_cast<__m256>(a)),
+      "x"(static_cast<__m256>(mask)));
+  return out;
+#else
+  return at::vec::Vectorized<float>::blendv(b, a, mask);
+#endif
+}
+
 // 1/u for u in [1, 3] (the only arguments the math passes): the approximate
 // reciprocal refined by one Newton step (about 2 ulp) instead of a division,
 // which costs several times more on the CPUs this runs on.
@@ -92,6 +134,32 @@ struct MathOps<at::vec::Vectorized<float>> {
   // the atanh polynomial of focal_math.h (Sleef's general log1pf costs ~4x the
   // rest of the kernel).
   FOCAL_HD static V log1p(V e) { return log1p_unit_poly(e); }
+  FOCAL_HD static V exp_nonpos(V x) { return cpu::vec_exp_nonpos(x); }
+  FOCAL_HD static V neg_abs(V x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return V(_mm256_or_ps(x, _mm256_set1_ps(-0.0f)));  // set the sign bit
+#else
+    return V(0.0f) - x.abs();
+#endif
+  }
+  // s's sign bit picks b: a == b where that differs from s >= 0 (s = -0, NaN)
+  FOCAL_HD static V select_nonneg(V s, V a, V b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return cpu::vec_blend(s, b, a);
+#else
+    return V::blendv(b, a, s >= V(0.0f));
+#endif
+  }
+  // a * b for a, b >= 0; a NaN product (0 * inf, or NaN inputs) becomes 0: max
+  // returns its second operand when either is NaN. NaN inputs still reach the
+  // results through the other terms.
+  FOCAL_HD static V mul_or_zero(V a, V b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return V(_mm256_max_ps(a * b, _mm256_setzero_ps()));
+#else
+    return V::blendv(V(0.0f), a * b, a > V(0.0f));
+#endif
+  }
   FOCAL_HD static V fma(V a, V b, V c) { return at::vec::fmadd(a, b, c); }
   FOCAL_HD static V recip_unit(V u) { return cpu::vec_recip_unit(u); }
   FOCAL_HD static V log(V x) { return x.log(); }
@@ -104,7 +172,7 @@ struct MathOps<at::vec::Vectorized<float>> {
     return at::vec::maximum(a, b);
 #endif
   }
-  FOCAL_HD static V select(V m, V a, V b) { return V::blendv(b, a, m); }
+  FOCAL_HD static V select(V m, V a, V b) { return cpu::vec_blend(m, a, b); }
   FOCAL_HD static V ge(V a, V b) { return a >= b; }
   FOCAL_HD static V gt(V a, V b) { return a > b; }
   FOCAL_HD static V ne(V a, V b) { return a != b; }
@@ -165,6 +233,10 @@ struct MathOps<cpu::VecN<N>> {
   FOCAL_VECN_MAP(gt, (const T& a, const T& b), (a.v[i], b.v[i]))
   FOCAL_VECN_MAP(ne, (const T& a, const T& b), (a.v[i], b.v[i]))
   FOCAL_VECN_MAP(select, (const T& m, const T& a, const T& b), (m.v[i], a.v[i], b.v[i]))
+  FOCAL_VECN_MAP(exp_nonpos, (const T& a), (a.v[i]))
+  FOCAL_VECN_MAP(neg_abs, (const T& a), (a.v[i]))
+  FOCAL_VECN_MAP(select_nonneg, (const T& s, const T& a, const T& b), (s.v[i], a.v[i], b.v[i]))
+  FOCAL_VECN_MAP(mul_or_zero, (const T& a, const T& b), (a.v[i], b.v[i]))
 #undef FOCAL_VECN_MAP
 };
 
@@ -248,7 +320,12 @@ struct Segment {
   // factor scales the elementwise loss, gfactor the gradient (they differ when
   // the gradient is left unnormalised for backward).
   static void run(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t factor, acc_t gfactor, int64_t r,
-                  int64_t c0, int64_t c1, Vec& vsum, double& ssum) {
+                  int64_t c0, int64_t c1, Vec& vsum_io, double& ssum_io) {
+    // Locals, not references: the compiler cannot tell that the output stores
+    // leave them alone, and would keep the sum in memory.
+    const bool labels = p.labels;
+    Vec vsum = vsum_io;
+    double ssum = ssum_io;
     int64_t ox, ot, ow;
     if (p.contiguous) {
       ox = r * p.cols;
@@ -291,13 +368,17 @@ struct Segment {
           constexpr int N = decltype(n_tag)::value;
           VecN<N> vx, l, g;
           for (int i = 0; i < N; ++i) vx.v[i] = load_float(x + cc + i * kLanes);
-          if (p.labels) {
-            VecN<N> pos;
-            for (int i = 0; i < N; ++i) {
-              const Vec cols = Vec(static_cast<float>(cc + i * kLanes)) + lanes;  // exact: C < 2^24
-              pos.v[i] = cols == vlabel;
+          if (labels) {
+            if (label >= cc && label < cc + N * kLanes) {
+              VecN<N> pos;
+              for (int i = 0; i < N; ++i) {
+                const Vec cols = Vec(static_cast<float>(cc + i * kLanes)) + lanes;  // exact: C < 2^24
+                pos.v[i] = cols == vlabel;
+              }
+              focal_binary<GK, VecN<N>, float>(vx, pos, k, l, g);
+            } else {  // no positive among these columns: most of a row
+              focal_binary_y<GK, VecN<N>, float>(vx, YNegative<VecN<N>, float>{}, k, l, g);
             }
-            focal_binary<GK, VecN<N>, float>(vx, pos, k, l, g);
           } else {
             VecN<N> vt;
             for (int i = 0; i < N; ++i) vt.v[i] = load_float(t + cc + i * kLanes);
@@ -355,6 +436,8 @@ struct Segment {
       if (grad) grad[out0 + c] = static_cast<scalar_t>(g);
       if (loss) loss[out0 + c] = static_cast<scalar_t>(l * factor);
     }
+    vsum_io = vsum;
+    ssum_io = ssum;
   }
 };
 
