@@ -64,14 +64,16 @@ FOCAL_HD T log1p_unit_poly(T e) {
 // The primitives the vector types implement with fewer instructions, in their
 // plain scalar form (the CUDA kernels and the CPU scalar loops use these):
 //  * exp_nonpos(x): exp(x) for x <= 0 (or NaN); neg_abs(x): -|x|;
-//  * select_nonneg(s, a, b): s >= 0 ? a : b, for a == b wherever s is +-0 or NaN
-//    (so a vector may read the sign bit alone);
+//  * select_nonneg(s, a, b): s >= 0 ? a : b, and select_nonpos(s, a, b):
+//    s <= 0 ? a : b, both for a == b wherever s is +-0 or NaN (so a vector may
+//    read the sign bit alone);
 //  * mul_or_zero(a, b): a * b for a, b >= 0, read as 0 where a is 0 (or NaN),
 //    the limit of p * ce where p vanishes and ce grows without bound.
 #define FOCAL_SCALAR_COMMON(T)                                                                \
   static FOCAL_HD T exp_nonpos(T x) { return exp(x); }                                         \
   static FOCAL_HD T neg_abs(T x) { return T(0) - abs(x); }                                     \
   static FOCAL_HD T select_nonneg(T s, T a, T b) { return s >= T(0) ? a : b; }                 \
+  static FOCAL_HD T select_nonpos(T s, T a, T b) { return s <= T(0) ? a : b; }                 \
   static FOCAL_HD T mul_or_zero(T a, T b) { return a > T(0) ? a * b : T(0); }
 
 template <>
@@ -155,25 +157,37 @@ FOCAL_HD T pow_gamma(T q, T neg_log_q, bool have_neg_log_q, const FocalCoeffs<S>
 }
 
 // Which binary targets one call covers. The math below reads y only through
-// these: the signed logit s = y' x (y' = +-1, p_t = sigmoid(s)), -s, alpha_t,
-// and the sign of the gradient.
+// these: the signed logit s = y' x (y' = +-1, p_t = sigmoid(s)), -s, a select
+// on s >= 0, alpha_t (times q^gamma), and the sign of the gradient.
 //  * YMask: y = 1 where the mask is set, else 0 (one element, or a vector);
 //  * YNegative: y = 0 everywhere, as in every vector of a label row that does
 //    not hold the row's class (almost all of them); no selects on y at all.
+//    With kAlpha = false, alpha_t (= alpha_neg) is left to the caller, who
+//    folds it into the factors it applies anyway (one multiply less).
 template <class T, class S>
 struct YMask {
   typename MathOps<T>::Mask pos;
   FOCAL_HD T signed_x(T x) const { return MathOps<T>::select(pos, x, T(S(0)) - x); }
   FOCAL_HD T neg_signed_x(T, T s) const { return T(S(0)) - s; }
-  FOCAL_HD T alpha(const FocalCoeffs<S>& k) const { return MathOps<T>::select(pos, T(k.alpha_pos), T(k.alpha_neg)); }
+  FOCAL_HD T select_s_nonneg(T, T s, T a, T b) const { return MathOps<T>::select_nonneg(s, a, b); }
+  FOCAL_HD T alpha_times(const FocalCoeffs<S>& k, T v) const {
+    return MathOps<T>::select(pos, T(k.alpha_pos), T(k.alpha_neg)) * v;
+  }
   FOCAL_HD T signed_grad(T mag) const { return MathOps<T>::select(pos, T(S(0)) - mag, mag); }
 };
 
-template <class T, class S>
+template <class T, class S, bool kAlpha = true>
 struct YNegative {
   FOCAL_HD T signed_x(T x) const { return T(S(0)) - x; }
   FOCAL_HD T neg_signed_x(T x, T) const { return x; }
-  FOCAL_HD T alpha(const FocalCoeffs<S>& k) const { return T(k.alpha_neg); }
+  FOCAL_HD T select_s_nonneg(T x, T, T a, T b) const { return MathOps<T>::select_nonpos(x, a, b); }
+  FOCAL_HD T alpha_times(const FocalCoeffs<S>& k, T v) const {
+    if constexpr (kAlpha) {
+      return T(k.alpha_neg) * v;
+    } else {
+      return v;
+    }
+  }
   FOCAL_HD T signed_grad(T mag) const { return mag; }
 };
 
@@ -187,13 +201,13 @@ FOCAL_HD void focal_binary_y(T x, const Y& y, const FocalCoeffs<S>& k, T& loss, 
   const T e = O::exp_nonpos(O::neg_abs(x));
   const T r = O::recip_unit(one + e);
   const T er = e * r;
-  const T pt = O::select_nonneg(s, r, er);
-  const T q = O::select_nonneg(s, er, r);  // 1 - p_t
+  const T pt = y.select_s_nonneg(x, s, r, er);
+  const T q = y.select_s_nonneg(x, s, er, r);  // 1 - p_t
   const T l1 = O::log1p(e);
   const T ce = O::max(y.neg_signed_x(x, s), zero) + l1;  // -log(p_t)
   const T neg_log_q = O::max(s, zero) + l1;               // -log(q)
   const T qg = pow_gamma<GK>(q, neg_log_q, true, k);
-  const T aqg = y.alpha(k) * qg;
+  const T aqg = y.alpha_times(k, qg);
   loss = aqg * ce;
   const T pce = O::mul_or_zero(pt, ce);  // p_t * ce -> 0 as p_t -> 0
   const T mag = aqg * (T(k.gamma) * pce + q);

@@ -63,3 +63,57 @@ def test_small_class_count_flat_path(cpu_kernel, C, weight_form):
         ref_loss, ref_grad = reference_loss_and_grad(x, t, weight=w, reduction=reduction)
         assert_close64(loss, ref_loss)
         assert_close64(grad, ref_grad)
+
+
+def _label_pattern(rows, C, g, ignore_index):
+    """Labels that reach every branch of the unweighted flat path: long background runs, positives at
+    the first and last class, neighbouring positive rows, single and consecutive ignored rows, ignored
+    rows next to positives, at the start and end of the tensor."""
+    u = torch.rand(rows, generator=g)
+    lab = torch.full((rows,), C, dtype=torch.int64)
+    pos = u < 0.12
+    lab[pos] = torch.randint(0, C, (int(pos.sum()),), generator=g)
+    lab[(u >= 0.12) & (u < 0.25)] = ignore_index
+    lab[:3] = torch.tensor([0, C - 1, ignore_index])
+    lab[-3:] = torch.tensor([ignore_index, C - 1, 0])
+    lab[rows // 2:rows // 2 + 5] = ignore_index
+    lab[rows // 3:rows // 3 + 4] = torch.tensor([C - 1, 0, C - 1, ignore_index])
+    return lab
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 15, 16, 17, 23, 24, 25, 48, 80, 91])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unweighted_labels_flat_path(cpu_kernel, C, dtype):
+    """Contiguous labels without a weight run flat over the elements in groups of vectors: groups with
+    no positive and no ignored element, groups inside an ignored row, and mixed groups built lane by
+    lane. Sizes cross the 16384-element work chunks and leave a partial last group."""
+    g = torch.Generator().manual_seed(100 + C)
+    rows = 40000 // C + 7
+    x = (torch.randn(rows, C, generator=g) * 4 - 2).to(dtype)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+    for ignore_index in (-1, 255):
+        lab = _label_pattern(rows, C, g, ignore_index)
+        for labels in (lab, lab.to(torch.int32)):
+            for reduction in ("none", "sum", "mean"):
+                kw = dict(reduction=reduction, ignore_index=ignore_index)
+                loss, grad = fused_loss_and_grad(x, labels, **kw)
+                ref_loss, ref_grad = reference_loss_and_grad(x, labels, **kw)
+                assert_close64(loss, ref_loss, rtol=tol, atol=tol)
+                assert_close64(grad, ref_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("C", [3, 24, 91])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 3.0])
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_unweighted_labels_flat_path_options(cpu_kernel, C, gamma, alpha):
+    """The flat path's all-negative groups leave alpha to the caller: every gamma class, alpha on and off."""
+    g = torch.Generator().manual_seed(7 * C)
+    rows = 20000 // C + 5
+    x = torch.randn(rows, C, generator=g) * 5
+    lab = _label_pattern(rows, C, g, -1)
+    for reduction in ("none", "sum"):
+        kw = dict(reduction=reduction, gamma=gamma, alpha=alpha, normalizer=17.0 if reduction == "sum" else None)
+        loss, grad = fused_loss_and_grad(x, lab, **kw)
+        ref_loss, ref_grad = reference_loss_and_grad(x, lab, **kw)
+        assert_close64(loss, ref_loss)
+        assert_close64(grad, ref_grad)

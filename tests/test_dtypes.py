@@ -142,3 +142,14 @@ def test_float32_sum_accurate_at_detector_initialisation(device, C):
             ref = focal_cuda.reference.sigmoid_focal_loss(x.double(), t.double() if t.is_floating_point() else t,
                                                           reduction="sum")
         assert abs(loss.double().item() - ref.item()) <= 1e-6 * abs(ref.item())
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_backward_factor_not_rounded_to_16_bit(device, dtype):
+    """Backward's factor (grad_output * scale / divisor / prescale, float32) multiplies a 16-bit gradient
+    in float32: rounded to float16 first, 1.1223e-7 would be 1.19e-7 (6% off; seen with 'mean' over
+    ~35k float16 elements)."""
+    grad = torch.full((1000,), 216.75, dtype=dtype, device=device)
+    torch.ops.focal_cuda.scale_grad_(grad, torch.tensor(1.1223e-7, device=device))
+    expected = torch.full((1000,), 216.75 * 1.1223e-7, dtype=torch.float64)
+    torch.testing.assert_close(grad.double().cpu(), expected, rtol=2**-8, atol=1e-7)

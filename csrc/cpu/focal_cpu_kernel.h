@@ -150,6 +150,13 @@ struct MathOps<at::vec::Vectorized<float>> {
     return V::blendv(b, a, s >= V(0.0f));
 #endif
   }
+  FOCAL_HD static V select_nonpos(V s, V a, V b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return cpu::vec_blend(s, a, b);
+#else
+    return V::blendv(b, a, s <= V(0.0f));
+#endif
+  }
   // a * b for a, b >= 0; a NaN product (0 * inf, or NaN inputs) becomes 0: max
   // returns its second operand when either is NaN. NaN inputs still reach the
   // results through the other terms.
@@ -236,6 +243,7 @@ struct MathOps<cpu::VecN<N>> {
   FOCAL_VECN_MAP(exp_nonpos, (const T& a), (a.v[i]))
   FOCAL_VECN_MAP(neg_abs, (const T& a), (a.v[i]))
   FOCAL_VECN_MAP(select_nonneg, (const T& s, const T& a, const T& b), (s.v[i], a.v[i], b.v[i]))
+  FOCAL_VECN_MAP(select_nonpos, (const T& s, const T& a, const T& b), (s.v[i], a.v[i], b.v[i]))
   FOCAL_VECN_MAP(mul_or_zero, (const T& a, const T& b), (a.v[i], b.v[i]))
 #undef FOCAL_VECN_MAP
 };
@@ -441,6 +449,117 @@ struct Segment {
   }
 };
 
+// Contiguous class labels without a weight: the elements of [begin, end) run
+// flat, kGroup = 3 vectors at a time, whatever C is (no per-row work). A group
+// that holds no "special" element (a row's positive class, or any element of
+// an ignored row) takes the all-negative math, with alpha folded into the
+// output factors and into the sum of those groups; a group inside an ignored
+// row is written as zeros; the few groups left (about one per positive row
+// and two per ignored row) build their masks lane by lane. Three vectors in
+// lockstep measured fastest here (Zen 1, in cache: 3.08 / 2.90 / 2.93 ns per
+// element for 2 / 3 / 4; more independent work per step, still no spills).
+// Returns the range's unscaled loss sum.
+template <class scalar_t, int GK>
+double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float factor, float gfactor, int64_t begin,
+                   int64_t end) {
+  constexpr int kN = 3;
+  constexpr int kGroup = kN * kLanes;
+  const int64_t C = p.cols;
+  const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
+  scalar_t* grad = static_cast<scalar_t*>(p.grad);
+  scalar_t* loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
+  const Vec vfactor(factor), vgfactor(gfactor);
+  const Vec neg_factor(k.alpha_neg * factor), neg_gfactor(k.alpha_neg * gfactor);
+  auto label_of = [&](int64_t row) {
+    return p.target.kind == ScalarKind::Int32 ? read_label<int32_t>(p, row) : read_label<int64_t>(p, row);
+  };
+  // The next special interval [sb, se), in row srow; ignored: it is that whole (ignored) row.
+  int64_t srow = 0, sb = 0, se = 0;
+  bool ignored = false;
+  auto find_special = [&](int64_t row) {
+    for (; row < p.rows; ++row) {
+      const int64_t lab = label_of(row);
+      if (lab == p.ignore_index) {
+        srow = row, sb = row * C, se = sb + C, ignored = true;
+        return;
+      }
+      if (lab >= 0 && lab < C) {
+        srow = row, sb = row * C + lab, se = sb + 1, ignored = false;
+        return;
+      }
+    }
+    srow = p.rows, sb = se = INT64_MAX, ignored = false;
+  };
+  auto emit = [&](int64_t i, Vec l, Vec g, Vec lf, Vec gf) __attribute__((always_inline)) {
+    if (grad) store_float(grad + i, g * gf);
+    if (loss) store_float(loss + i, l * lf);
+  };
+  Vec sum(0.0f), sum_neg(0.0f);  // sum_neg: all-negative groups, alpha left out
+  double total = 0.0, total_neg = 0.0;
+  int steps = 0;
+  find_special(begin / C);
+  for (int64_t i = begin; i < end; i += kGroup) {
+    while (se <= i) find_special(srow + 1);
+    if (i + kGroup <= end && i + kGroup <= sb) {  // all negative
+      VecN<kN> vx, l, g;
+      for (int j = 0; j < kN; ++j) vx.v[j] = load_float(x + i + j * kLanes);
+      focal_binary_y<GK, VecN<kN>, float>(vx, YNegative<VecN<kN>, float, false>{}, k, l, g);
+      for (int j = 0; j < kN; ++j) {
+        sum_neg = sum_neg + l.v[j];
+        emit(i + j * kLanes, l.v[j], g.v[j], neg_factor, neg_gfactor);
+      }
+    } else if (ignored && sb <= i && i + kGroup <= std::min(se, end)) {  // inside an ignored row
+      for (int j = 0; j < kN; ++j) emit(i + j * kLanes, Vec(0.0f), Vec(0.0f), vfactor, vgfactor);
+    } else {  // lane by lane; lanes past end are padding with weight 0
+      const int n = static_cast<int>(std::min<int64_t>(kGroup, end - i));
+      float xb[kGroup] = {}, posb[kGroup] = {}, keepb[kGroup] = {};
+      int64_t r = i / C;
+      int64_t c = i - r * C;
+      int64_t lab = label_of(r);
+      for (int j = 0; j < n; ++j) {
+        xb[j] = static_cast<float>(x[i + j]);
+        posb[j] = c == lab ? 1.0f : 0.0f;
+        keepb[j] = lab == p.ignore_index ? 0.0f : 1.0f;
+        if (++c == C && j + 1 < n) {
+          c = 0;
+          lab = label_of(++r);
+        }
+      }
+      VecN<kN> vx, pos, l, g;
+      for (int j = 0; j < kN; ++j) {
+        vx.v[j] = Vec::loadu(xb + j * kLanes);
+        pos.v[j] = Vec::loadu(posb + j * kLanes) == Vec(1.0f);
+      }
+      focal_binary<GK, VecN<kN>, float>(vx, pos, k, l, g);
+      for (int j = 0; j < kN; ++j) {
+        apply_weight(l.v[j], g.v[j], Vec::loadu(keepb + j * kLanes));
+        sum = sum + l.v[j];
+      }
+      if (n == kGroup) {
+        for (int j = 0; j < kN; ++j) emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
+      } else {
+        float gb[kGroup], lb[kGroup];
+        for (int j = 0; j < kN; ++j) {
+          (g.v[j] * vgfactor).store(gb + j * kLanes);
+          (l.v[j] * vfactor).store(lb + j * kLanes);
+        }
+        for (int j = 0; j < n; ++j) {
+          if (grad) grad[i + j] = static_cast<scalar_t>(gb[j]);
+          if (loss) loss[i + j] = static_cast<scalar_t>(lb[j]);
+        }
+      }
+    }
+    if (++steps == 20) {  // at most 20 terms per float lane
+      flush(sum, total);
+      flush(sum_neg, total_neg);
+      steps = 0;
+    }
+  }
+  flush(sum, total);
+  flush(sum_neg, total_neg);
+  return total + static_cast<double>(k.alpha_neg) * total_neg;
+}
+
 // Processes elements [begin, end) of the grid; returns the unscaled sum of the
 // weighted losses in that range (in a fixed order for a given range).
 template <class scalar_t, class target_t, int GK>
@@ -451,6 +570,11 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
   acc_t factor = static_cast<acc_t>(p.scale);
   if (p.divisor) factor = factor / *static_cast<const acc_t*>(p.divisor);
   const acc_t gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
+  if constexpr (Seg::kVector) {
+    if (p.labels && p.contiguous && p.input.col_stride == 1 && !p.weight.data) {
+      return labels_flat<scalar_t, GK>(p, k, factor, gfactor, begin, end);
+    }
+  }
   Vec vsum(0.0f);
   double ssum = 0.0;
   int64_t i = begin;
