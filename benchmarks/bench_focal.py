@@ -133,6 +133,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "cpu_grad_cache": bool(focal_cuda._C._cpu_grad_cache_info()["enabled"]),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -230,6 +231,8 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> Optional[flo
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    # a gradient buffer kept from the timed runs would hide this run's gradient from the peak
+    focal_cuda.empty_cpu_grad_cache()
     if not _rss_peak_reset():
         return None
     base = _rss_kib("VmRSS")
@@ -437,8 +440,10 @@ def fmt(v, spec):
 
 
 def markdown(results: List[dict], info: dict) -> str:
+    cache = "" if info.get("cpu_grad_cache") is None or "CPU" not in info["device"] else (
+        f" | CPU gradient cache {'on' if info['cpu_grad_cache'] else 'off'}")
     lines = [f"Device: {info['device']} | torch {info['torch']} (CUDA {info['cuda']}) | threads {info['threads']} "
-             f"| commit {info['commit']}", ""]
+             f"| commit {info['commit']}{cache}", ""]
     for r in results:
         c = r["case"]
         if "skipped" in r:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _C  # noqa: F401  (loads the native ops: torch.ops.focal_cuda.*)
@@ -20,10 +22,34 @@ __all__ = [
     "SigmoidFocalLossFunction",
     "reference",
     "build_info",
+    "set_cpu_grad_cache",
+    "empty_cpu_grad_cache",
     "__version__",
 ]
 
 _cpu_isa.select_default()
+
+
+def set_cpu_grad_cache(enabled: bool) -> None:
+    """Keep the most recently freed CPU gradient buffer (8 MB or more) for the next call (the default),
+    or free it and stop keeping one.
+
+    A training step allocates a gradient of the same size every iteration; reusing the last one saves
+    the page faults and the zeroing of a fresh allocation (7.5 of 30 ms per COCO-sized step on a 2-core
+    CPU). At most one buffer, up to 1.5x the gradient it last served, stays allocated between calls.
+    ``FOCAL_CUDA_CPU_GRAD_CACHE=0`` in the environment turns it off at import."""
+    _C._set_cpu_grad_cache(bool(enabled))
+
+
+def empty_cpu_grad_cache() -> None:
+    """Free the kept CPU gradient buffer, if any (caching stays on or off as it was)."""
+    enabled = _C._cpu_grad_cache_info()["enabled"]
+    _C._set_cpu_grad_cache(False)
+    _C._set_cpu_grad_cache(enabled)
+
+
+if os.environ.get("FOCAL_CUDA_CPU_GRAD_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+    set_cpu_grad_cache(False)
 
 
 def build_info() -> dict:
