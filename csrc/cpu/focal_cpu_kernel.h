@@ -267,6 +267,14 @@ template <class scalar_t>
 inline void store_float(scalar_t* p, Vec v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     v.store(p);
+#if defined(CPU_CAPABILITY_AVX2)
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // 8 values in one 16-byte store (Vectorized<BFloat16>::store(p, 8) goes through a buffer:
+    // measured 7 ms of a 30 ms bf16 forward+backward)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(static_cast<__m256>(v)));
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_fp16(static_cast<__m256>(v)));
+#endif
   } else {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, kLanes);
   }
@@ -490,6 +498,12 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
     }
     srow = p.rows, sb = se = INT64_MAX, ignored = false;
   };
+  const Vec lanes = Vec::arange(0.0f, 1.0f);
+  // i / C, by a 32-bit division where it fits (several times faster than a 64-bit one on older x86)
+  auto row_of = [C](int64_t i) -> int64_t {
+    if (i <= INT32_MAX && C <= INT32_MAX) return static_cast<uint32_t>(i) / static_cast<uint32_t>(C);
+    return i / C;
+  };
   auto emit = [&](int64_t i, Vec l, Vec g, Vec lf, Vec gf) __attribute__((always_inline)) {
     if (grad) store_float(grad + i, g * gf);
     if (loss) store_float(loss + i, l * lf);
@@ -510,19 +524,31 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
       }
     } else if (ignored && sb <= i && i + kGroup <= std::min(se, end)) {  // inside an ignored row
       for (int j = 0; j < kN; ++j) emit(i + j * kLanes, Vec(0.0f), Vec(0.0f), vfactor, vgfactor);
+    } else if (const int64_t r = row_of(i), c = i - r * C; i + kGroup <= end && c + kGroup <= C) {
+      // within one row (not ignored: that is the branch above), holding its positive
+      const Vec vlabel(static_cast<float>(label_of(r)));
+      VecN<kN> vx, pos, l, g;
+      for (int j = 0; j < kN; ++j) {
+        vx.v[j] = load_float(x + i + j * kLanes);
+        pos.v[j] = (Vec(static_cast<float>(c + j * kLanes)) + lanes) == vlabel;  // exact: C < 2^24
+      }
+      focal_binary<GK, VecN<kN>, float>(vx, pos, k, l, g);
+      for (int j = 0; j < kN; ++j) {
+        sum = sum + l.v[j];
+        emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
+      }
     } else {  // lane by lane; lanes past end are padding with weight 0
       const int n = static_cast<int>(std::min<int64_t>(kGroup, end - i));
       float xb[kGroup] = {}, posb[kGroup] = {}, keepb[kGroup] = {};
-      int64_t r = i / C;
-      int64_t c = i - r * C;
-      int64_t lab = label_of(r);
+      int64_t row = r, col = c;  // of element i, from the condition above
+      int64_t lab = label_of(row);
       for (int j = 0; j < n; ++j) {
         xb[j] = static_cast<float>(x[i + j]);
-        posb[j] = c == lab ? 1.0f : 0.0f;
+        posb[j] = col == lab ? 1.0f : 0.0f;
         keepb[j] = lab == p.ignore_index ? 0.0f : 1.0f;
-        if (++c == C && j + 1 < n) {
-          c = 0;
-          lab = label_of(++r);
+        if (++col == C && j + 1 < n) {
+          col = 0;
+          lab = label_of(++row);
         }
       }
       VecN<kN> vx, pos, l, g;
