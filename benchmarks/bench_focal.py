@@ -12,7 +12,8 @@ Every case is one problem (batch x anchors x classes, dtype, reduction) solved b
   torchvision     torchvision.ops.sigmoid_focal_loss on the one-hot targets, when installed
 
 Each is timed forward-only (no_grad) and forward+backward (loss.backward(), gradient freed after),
-reporting the median of repeated runs after warm-up (CUDA events on GPU, perf_counter on CPU), the
+reporting the median of repeated runs after warm-up (CUDA events on GPU, perf_counter on CPU, where
+a measurement keeps sampling for at least 1 s so fast variants get dozens of samples), the
 peak memory of one run, and the achieved bandwidth over the minimal bytes of the fused computation
 (DESIGN.md: read logits + labels, write the gradient) next to a device-to-device copy of the logits
 measured in the same run. torch.compile times are warm; the compile itself is reported separately.
@@ -157,6 +158,10 @@ def machine_slug(info: dict, device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- timing
 
+CPU_MIN_SECONDS = 1.0  # per CPU measurement: keep sampling a fast variant for this long
+CPU_MAX_REPS = 200
+
+
 class Timer:
     def __init__(self, device: torch.device):
         self.device = device
@@ -183,10 +188,15 @@ class Timer:
                 end.synchronize()
                 out.append(start.elapsed_time(end) / GPU_BATCH)
         else:
-            for i in range(reps):
+            # at least `reps` samples and at least CPU_MIN_SECONDS of them: a fast variant takes many more
+            # samples, so its median does not hinge on a few (this shared VM's speed drifts by tens of %)
+            t_start = time.perf_counter()
+            i = 0
+            while i < reps or (time.perf_counter() - t_start < CPU_MIN_SECONDS and i < CPU_MAX_REPS):
                 t0 = time.perf_counter()
                 fn(i)
                 out.append((time.perf_counter() - t0) * 1e3)
+                i += 1
         return out
 
 
@@ -391,9 +401,13 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, log) -> d
                 inp.x.grad = None
 
             log(f"  {name}: forward ...")
-            entry["fwd_ms"] = statistics.median(timer.time_ms(fwd, reps, warmup))
+            samples = timer.time_ms(fwd, reps, warmup)
+            entry["fwd_ms"] = statistics.median(samples)
+            entry["fwd_samples"] = len(samples)
             log(f"  {name}: forward+backward ...")
-            entry["fwdbwd_ms"] = statistics.median(timer.time_ms(fwdbwd, reps, warmup))
+            samples = timer.time_ms(fwdbwd, reps, warmup)
+            entry["fwdbwd_ms"] = statistics.median(samples)
+            entry["fwdbwd_samples"] = len(samples)
             entry["peak_mb"] = peak_memory_mb(lambda: fwdbwd(0), device)
         except torch.OutOfMemoryError:
             entry = {"skipped": "out of memory"}
