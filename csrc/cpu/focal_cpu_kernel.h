@@ -33,22 +33,21 @@ namespace focal {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
-// exp(x) for float32 lanes, inline (a call into Sleef would cut the long
-// dependency chain of the loss into pieces the CPU cannot overlap). Range
-// reduction x = n ln2 + r, |r| <= ln2/2, with ln2 split in a 9-bit head (n * head
-// is exact) and a tail; exp(r) by a degree-6 polynomial fitted (weighted least
-// squares on Chebyshev nodes, relative error 1.8e-8) for this project; 2^n
-// built in the exponent bits of a float that multiplies the polynomial, so a
-// NaN input stays NaN. x < -86 gives exactly 0 (the math relies on p_t == 0
-// at x = -inf); x > 88.3 saturates at exp(88.3).
-FOCAL_HD at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 xv = x;
-  const __m256 lo = _mm256_set1_ps(-86.0f);
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, xv));  // NaN propagates
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);                                // 1.5 * 2^23
+// exp(x) for float32 lanes with x already clamped to [-88, 88.3], inline (a call
+// into Sleef would cut the long dependency chain of the loss into pieces the CPU
+// cannot overlap). Range reduction x = n ln2 + r, |r| <= ln2/2, with ln2 split in
+// a 9-bit head (n * head is exact) and a tail; exp(r) by a degree-6 polynomial
+// fitted (weighted least squares on Chebyshev nodes, relative error 1.8e-8) for
+// this project; 2^n built in the exponent bits of a float that multiplies the
+// polynomial, so a NaN input stays NaN. At the clamp's low end n = -127, whose
+// 2^n built here is the bit pattern of +0.0: everything below -87.7, -inf
+// included, gives exactly 0 (the true values there are below float32's smallest
+// normal; the math relies on p_t == 0 at x = -inf).
+inline __m256 exp_clamped(__m256 xc) {
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
   const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), shifter);
-  const __m256 n = _mm256_sub_ps(t, shifter);  // round(x / ln2)
+  const __m256 n = _mm256_sub_ps(t, shifter);  // round(x / ln2), in [-127, 127]
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(0.0013829420786350965f);
@@ -60,35 +59,24 @@ FOCAL_HD at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   // t's low mantissa bits hold n; shifted into the exponent field: 2^n
   const __m256i two_n = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
-  const __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-  return _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(xv, lo, _CMP_LT_OQ));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+#endif
+
+// exp(x); x > 88.3 saturates at exp(88.3). max/min return their second operand
+// when either is NaN, so a NaN x stays NaN.
+FOCAL_HD at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return exp_clamped(_mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x)));
 #else
   return x.exp();
 #endif
 }
 
-// exp(x) for x <= 0 (or NaN), the argument of e = exp(-|x|): vec_exp without
-// the upper clamp and without the final select. The lower clamp at -88 gives
-// n = -127, whose 2^n built below is the bit pattern of +0.0, so exp(-inf) and
-// everything below -87.7 is exactly 0 (the true values there are below
-// float32's smallest normal).
+// exp(x) for x <= 0 (or NaN), the argument of e = exp(-|x|): no upper clamp.
 FOCAL_HD at::vec::Vectorized<float> vec_exp_nonpos(at::vec::Vectorized<float> x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);  // NaN propagates (max returns x)
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);           // 1.5 * 2^23
-  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), shifter);
-  const __m256 n = _mm256_sub_ps(t, shifter);  // round(x / ln2), in [-127, 0]
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(0.0013829420786350965f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.008374771103262901f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.0416683591902256f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.1666642129421234f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.49999991059303284f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i two_n = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  return exp_clamped(_mm256_max_ps(_mm256_set1_ps(-88.0f), x));
 #else
   return x.exp();
 #endif
