@@ -117,3 +117,27 @@ def test_unweighted_labels_flat_path_options(cpu_kernel, C, gamma, alpha):
         ref_loss, ref_grad = reference_loss_and_grad(x, lab, **kw)
         assert_close64(loss, ref_loss)
         assert_close64(grad, ref_grad)
+
+
+@pytest.mark.parametrize("C", [1, 5, 24, 80, 91])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["one_hot", "soft", "one_hot_float32"])
+def test_unweighted_dense_flat_path(cpu_kernel, C, dtype, form):
+    """Contiguous dense targets without a weight run flat in groups of vectors; a group whose targets are
+    all exactly 0 (also -0.0) takes the all-negative math, any other the soft-target math, and the last
+    partial group of a 16384-element chunk the row-segment path."""
+    g = torch.Generator().manual_seed(300 + C)
+    rows = 40000 // C + 7
+    x = (torch.randn(rows, C, generator=g) * 4 - 2).to(dtype)
+    lab = _label_pattern(rows, C, g, -1).clamp_min(0)
+    t = torch.nn.functional.one_hot(lab, C + 1)[:, :C].float()
+    t[rows // 4:rows // 4 + 3] = -0.0  # negative zeros count as 0
+    if form == "soft":
+        t = t * torch.rand(rows, C, generator=g)  # zero where one-hot is zero, soft elsewhere
+    t = t if form == "one_hot_float32" else t.to(dtype)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+    for reduction in ("none", "sum", "mean"):
+        loss, grad = fused_loss_and_grad(x, t, reduction=reduction)
+        ref_loss, ref_grad = reference_loss_and_grad(x, t, reduction=reduction)
+        assert_close64(loss, ref_loss, rtol=tol, atol=tol)
+        assert_close64(grad, ref_grad, rtol=tol, atol=tol)

@@ -445,6 +445,43 @@ struct Segment {
   }
 };
 
+// What the flat paths below share: the outputs of a group of vectors (scaled by
+// the given factors), and the loss sum kept in two parts, groups of the
+// all-negative math (alpha left out: it multiplies that part once at the end)
+// and the rest, each flushed into float64 every kFlushSteps groups.
+// Vectors per step of the flat paths (see labels_flat for the measurement).
+constexpr int kFlatVectors = 3;
+
+template <class scalar_t>
+struct FlatOut {
+  static constexpr int kFlushSteps = 20;  // at most 20 terms per float lane
+  scalar_t* grad;
+  scalar_t* loss;
+  Vec sum = Vec(0.0f), sum_neg = Vec(0.0f);
+  double total = 0.0, total_neg = 0.0;
+  int steps = 0;
+
+  FlatOut(const FocalParams& p)
+      : grad(static_cast<scalar_t*>(p.grad)),
+        loss(p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr) {}
+  FOCAL_HD void emit(int64_t i, Vec l, Vec g, Vec lf, Vec gf) {
+    if (grad) store_float(grad + i, g * gf);
+    if (loss) store_float(loss + i, l * lf);
+  }
+  FOCAL_HD void step() {
+    if (++steps == kFlushSteps) {
+      flush(sum, total);
+      flush(sum_neg, total_neg);
+      steps = 0;
+    }
+  }
+  double result(float alpha_neg) {
+    flush(sum, total);
+    flush(sum_neg, total_neg);
+    return total + static_cast<double>(alpha_neg) * total_neg;
+  }
+};
+
 // Contiguous class labels without a weight: the elements of [begin, end) run
 // flat, kGroup = 3 vectors at a time, whatever C is (no per-row work). A group
 // that holds no "special" element (a row's positive class, or any element of
@@ -458,14 +495,13 @@ struct Segment {
 template <class scalar_t, int GK>
 double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float factor, float gfactor, int64_t begin,
                    int64_t end) {
-  constexpr int kN = 3;
+  constexpr int kN = kFlatVectors;
   constexpr int kGroup = kN * kLanes;
   const int64_t C = p.cols;
   const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
-  scalar_t* grad = static_cast<scalar_t*>(p.grad);
-  scalar_t* loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
   const Vec vfactor(factor), vgfactor(gfactor);
   const Vec neg_factor(k.alpha_neg * factor), neg_gfactor(k.alpha_neg * gfactor);
+  FlatOut<scalar_t> out(p);
   auto label_of = [&](int64_t row) {
     return p.target.kind == ScalarKind::Int32 ? read_label<int32_t>(p, row) : read_label<int64_t>(p, row);
   };
@@ -492,13 +528,6 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
     if (i <= INT32_MAX && C <= INT32_MAX) return static_cast<uint32_t>(i) / static_cast<uint32_t>(C);
     return i / C;
   };
-  auto emit = [&](int64_t i, Vec l, Vec g, Vec lf, Vec gf) __attribute__((always_inline)) {
-    if (grad) store_float(grad + i, g * gf);
-    if (loss) store_float(loss + i, l * lf);
-  };
-  Vec sum(0.0f), sum_neg(0.0f);  // sum_neg: all-negative groups, alpha left out
-  double total = 0.0, total_neg = 0.0;
-  int steps = 0;
   find_special(begin / C);
   for (int64_t i = begin; i < end; i += kGroup) {
     while (se <= i) find_special(srow + 1);
@@ -507,23 +536,37 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
       for (int j = 0; j < kN; ++j) vx.v[j] = load_float(x + i + j * kLanes);
       focal_binary_y<GK, VecN<kN>, float>(vx, YNegative<VecN<kN>, float, false>{}, k, l, g);
       for (int j = 0; j < kN; ++j) {
-        sum_neg = sum_neg + l.v[j];
-        emit(i + j * kLanes, l.v[j], g.v[j], neg_factor, neg_gfactor);
+        out.sum_neg = out.sum_neg + l.v[j];
+        out.emit(i + j * kLanes, l.v[j], g.v[j], neg_factor, neg_gfactor);
       }
     } else if (ignored && sb <= i && i + kGroup <= std::min(se, end)) {  // inside an ignored row
-      for (int j = 0; j < kN; ++j) emit(i + j * kLanes, Vec(0.0f), Vec(0.0f), vfactor, vgfactor);
-    } else if (const int64_t r = row_of(i), c = i - r * C; i + kGroup <= end && c + kGroup <= C) {
-      // within one row (not ignored: that is the branch above), holding its positive
-      const Vec vlabel(static_cast<float>(label_of(r)));
+      for (int j = 0; j < kN; ++j) out.emit(i + j * kLanes, Vec(0.0f), Vec(0.0f), vfactor, vgfactor);
+    } else if (const int64_t r = row_of(i), c = i - r * C; i + kGroup <= end && C >= kGroup) {
+      // C >= kGroup: the group spans row r from column c and, past lane b = C - c, the start of
+      // row r + 1. Each lane's column, label and keep flag by vector selects on the lane index.
+      auto label_value = [&](int64_t row) {  // as a float column; -1 matches none (background, bad)
+        const int64_t lab = row < p.rows ? label_of(row) : C;
+        return lab >= 0 && lab < C ? static_cast<float>(lab) : -1.0f;
+      };
+      auto ignored_row = [&](int64_t row) { return row < p.rows && label_of(row) == p.ignore_index; };
+      const Vec b(static_cast<float>(C - c));  // exact: C < 2^24
+      const Vec lab0(label_value(r)), lab1(label_value(r + 1));
+      const Vec keep0(ignored_row(r) ? 0.0f : 1.0f), keep1(ignored_row(r + 1) ? 0.0f : 1.0f);
       VecN<kN> vx, pos, l, g;
+      Vec keep[kN];
       for (int j = 0; j < kN; ++j) {
         vx.v[j] = load_float(x + i + j * kLanes);
-        pos.v[j] = (Vec(static_cast<float>(c + j * kLanes)) + lanes) == vlabel;  // exact: C < 2^24
+        const Vec lane = Vec(static_cast<float>(j * kLanes)) + lanes;
+        const Vec first = lane < b;  // lane in row r
+        const Vec col = Vec::blendv(lane - b, lane + Vec(static_cast<float>(c)), first);
+        pos.v[j] = col == Vec::blendv(lab1, lab0, first);
+        keep[j] = Vec::blendv(keep1, keep0, first);
       }
       focal_binary<GK, VecN<kN>, float>(vx, pos, k, l, g);
       for (int j = 0; j < kN; ++j) {
-        sum = sum + l.v[j];
-        emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
+        apply_weight(l.v[j], g.v[j], keep[j]);
+        out.sum = out.sum + l.v[j];
+        out.emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
       }
     } else {  // lane by lane; lanes past end are padding with weight 0
       const int n = static_cast<int>(std::min<int64_t>(kGroup, end - i));
@@ -547,10 +590,10 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
       focal_binary<GK, VecN<kN>, float>(vx, pos, k, l, g);
       for (int j = 0; j < kN; ++j) {
         apply_weight(l.v[j], g.v[j], Vec::loadu(keepb + j * kLanes));
-        sum = sum + l.v[j];
+        out.sum = out.sum + l.v[j];
       }
       if (n == kGroup) {
-        for (int j = 0; j < kN; ++j) emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
+        for (int j = 0; j < kN; ++j) out.emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
       } else {
         float gb[kGroup], lb[kGroup];
         for (int j = 0; j < kN; ++j) {
@@ -558,20 +601,56 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
           (l.v[j] * vfactor).store(lb + j * kLanes);
         }
         for (int j = 0; j < n; ++j) {
-          if (grad) grad[i + j] = static_cast<scalar_t>(gb[j]);
-          if (loss) loss[i + j] = static_cast<scalar_t>(lb[j]);
+          if (out.grad) out.grad[i + j] = static_cast<scalar_t>(gb[j]);
+          if (out.loss) out.loss[i + j] = static_cast<scalar_t>(lb[j]);
         }
       }
     }
-    if (++steps == 20) {  // at most 20 terms per float lane
-      flush(sum, total);
-      flush(sum_neg, total_neg);
-      steps = 0;
-    }
+    out.step();
   }
-  flush(sum, total);
-  flush(sum_neg, total_neg);
-  return total + static_cast<double>(k.alpha_neg) * total_neg;
+  return out.result(k.alpha_neg);
+}
+
+// Contiguous dense targets without a weight, over [begin, end) with end - begin
+// a multiple of kGroup (the caller runs the rest): three vectors per step, and a
+// step whose targets are all exactly 0 (most of a one-hot tensor) takes the
+// all-negative math of the label path, alpha folded in; other steps the general
+// (soft-target) math. Both give the same values up to float rounding.
+template <class scalar_t, class target_t, int GK>
+double dense_flat(const FocalParams& p, const FocalCoeffs<float>& k, float factor, float gfactor, int64_t begin,
+                  int64_t end) {
+  constexpr int kN = kFlatVectors;
+  constexpr int kGroup = kN * kLanes;
+  constexpr int kAllZero = (1 << kLanes) - 1;
+  const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
+  const target_t* t = static_cast<const target_t*>(p.target.data);
+  const Vec vfactor(factor), vgfactor(gfactor);
+  const Vec neg_factor(k.alpha_neg * factor), neg_gfactor(k.alpha_neg * gfactor);
+  FlatOut<scalar_t> out(p);
+  for (int64_t i = begin; i < end; i += kGroup) {
+    VecN<kN> vx, vt, l, g;
+    bool negative = true;
+    for (int j = 0; j < kN; ++j) {
+      vx.v[j] = load_float(x + i + j * kLanes);
+      vt.v[j] = load_float(t + i + j * kLanes);
+      negative = negative && vt.v[j].zero_mask() == kAllZero;  // -0 counts as 0; NaN does not
+    }
+    if (negative) {
+      focal_binary_y<GK, VecN<kN>, float>(vx, YNegative<VecN<kN>, float, false>{}, k, l, g);
+      for (int j = 0; j < kN; ++j) {
+        out.sum_neg = out.sum_neg + l.v[j];
+        out.emit(i + j * kLanes, l.v[j], g.v[j], neg_factor, neg_gfactor);
+      }
+    } else {
+      focal_soft<GK, VecN<kN>, float>(vx, vt, k, l, g);
+      for (int j = 0; j < kN; ++j) {
+        out.sum = out.sum + l.v[j];
+        out.emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
+      }
+    }
+    out.step();
+  }
+  return out.result(k.alpha_neg);
 }
 
 // Processes elements [begin, end) of the grid; returns the unscaled sum of the
@@ -592,6 +671,13 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
   Vec vsum(0.0f);
   double ssum = 0.0;
   int64_t i = begin;
+  if constexpr (Seg::kVector) {
+    if (!p.labels && p.contiguous && p.input.col_stride == 1 && p.target.col_stride == 1 && !p.weight.data) {
+      constexpr int64_t kGroup = kFlatVectors * kLanes;
+      i = begin + (end - begin) / kGroup * kGroup;
+      ssum = dense_flat<scalar_t, target_t, GK>(p, k, factor, gfactor, begin, i);
+    }
+  }
   if constexpr (Seg::kVector) {
     // Class labels with fewer classes than two vectors (C = 1..15): rows are too short for
     // row segments, so run flat over the elements and build each vector's positive mask and
