@@ -8,12 +8,14 @@
 //
 // The caller (focal_op.cpp) splits the element range into fixed chunks and sums
 // the chunks' partials in order, so the loss is bitwise the same whatever the
-// thread count. Inside a chunk, the elements go through row segments (one row,
-// a run of columns): per segment the row offsets are computed once, then
-// vectors (Vectorized<float>, two in lockstep) run over unit-stride columns,
-// one padded vector takes the remainder, and a scalar loop handles strided
-// columns. Class labels with C < 16 skip the segments and run flat over the
-// elements, building each vector's positive mask lane by lane.
+// thread count. Inside a chunk:
+//  * contiguous label or dense targets without a weight (the common case) run
+//    flat over the elements, three vectors per step (labels_flat, dense_flat);
+//  * everything else goes through row segments (one row, a run of columns): per
+//    segment the row offsets are computed once, then vectors (two in lockstep)
+//    run over unit-stride columns, one padded vector takes the remainder, and a
+//    scalar loop handles strided columns. Weighted class labels with C < 16
+//    skip the segments and run flat, building each vector's masks lane by lane.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
