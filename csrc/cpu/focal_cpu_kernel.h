@@ -682,9 +682,10 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
     }
   }
   if constexpr (Seg::kVector) {
-    // Class labels with fewer classes than two vectors (C = 1..15): rows are too short for
-    // row segments, so run flat over the elements and build each vector's positive mask and
-    // weights lane by lane, carrying (row, col) along.
+    // Weighted class labels with fewer classes than two vectors (C = 1..15; unweighted ones
+    // took labels_flat above): rows are too short for row segments, so run flat over the
+    // elements and build each vector's positive mask and weights lane by lane, carrying
+    // (row, col) along.
     if (p.labels && p.contiguous && p.cols < 2 * kLanes && p.input.col_stride == 1) {
       const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
       scalar_t* grad = static_cast<scalar_t*>(p.grad);
