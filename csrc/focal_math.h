@@ -71,14 +71,15 @@ FOCAL_HD T log1p_unit_poly(T e) {
 //  * select_nonneg(s, a, b): s >= 0 ? a : b, and select_nonpos(s, a, b):
 //    s <= 0 ? a : b, both for a == b wherever s is +-0 or NaN (so a vector may
 //    read the sign bit alone);
-//  * mul_or_zero(a, b): a * b for a, b >= 0, read as 0 where a is 0 (or NaN),
-//    the limit of p * ce where p vanishes and ce grows without bound.
+//  * mul_or_zero(a, b): a * b for a, b >= 0, read as 0 where the product is
+//    NaN (a = 0 with b infinite: the limit of p * ce where p vanishes and ce
+//    grows without bound; or a NaN input, which the other terms still carry).
 #define FOCAL_SCALAR_COMMON(T)                                                                \
   static FOCAL_HD T exp_nonpos(T x) { return exp(x); }                                         \
-  static FOCAL_HD T neg_abs(T x) { return T(0) - abs(x); }                                     \
+  static FOCAL_HD T neg_abs(T x) { return -abs(x); }                                            \
   static FOCAL_HD T select_nonneg(T s, T a, T b) { return s >= T(0) ? a : b; }                 \
   static FOCAL_HD T select_nonpos(T s, T a, T b) { return s <= T(0) ? a : b; }                 \
-  static FOCAL_HD T mul_or_zero(T a, T b) { return a > T(0) ? a * b : T(0); }
+  static FOCAL_HD T mul_or_zero(T a, T b) { return fmax(a * b, T(0)); }
 
 template <>
 struct MathOps<float> {

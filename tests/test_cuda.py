@@ -173,3 +173,61 @@ def test_scale_grad_skips_when_one():
     assert torch.equal(grad, before)
     focal_cuda.ops.scale_grad_op(grad, torch.tensor(-2.0, device="cuda"))
     assert torch.equal(grad, before * -2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,rows", [(8, 150_001), (80, 20_011)])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.5, -1.0)])
+def test_label_rows_kernel(dtype, C, rows, label_dtype, gamma, alpha):
+    """The label-rows kernel (unweighted class labels, C a multiple of the 16-byte pack, aligned):
+    many grid-stride steps per thread with a ragged last one, the class in every column, ignored
+    rows holding +-inf and NaN logits (exact zeros), bad labels (NaN rows). Checked against the
+    float64 reference and against the general kernel (the same call with a weight of ones)."""
+    g = torch.Generator().manual_seed(C + rows)
+    x = torch.randn(rows, C, generator=g) * 4
+    labels = torch.randint(0, C + 1, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.1] = -1
+    labels[:C] = torch.arange(C)  # the class in every column of a pack
+    ignored = (labels == -1).nonzero().flatten()[:3]
+    x[ignored[0]] = float("inf")
+    x[ignored[1]] = float("-inf")
+    x[ignored[2], ::2] = float("nan")
+    bad = torch.tensor([rows // 2, rows - 1])
+    labels[bad] = torch.tensor([C + 1, -7])
+    x, labels = x.to("cuda", dtype), labels.to("cuda", label_dtype)
+    kw = dict(gamma=gamma, alpha=alpha)
+
+    loss, grad = fused_loss_and_grad(x, labels, reduction="none", **kw)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
+    assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
+    good = (labels != -1) & (labels >= 0) & (labels <= C)
+    ref_loss, ref_grad = reference_loss_and_grad(x[good], labels[good], reduction="none", **kw)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+    assert_close64(loss[good], ref_loss, rtol=tol, atol=tol)
+    assert_close64(grad[good], ref_grad, rtol=tol, atol=tol)
+
+    # the general kernel (a weight sends the call there): the same values up to the rounding of
+    # where alpha is applied (one float32 rounding, then the output dtype's)
+    ones = torch.ones(C, device="cuda")
+    w_loss, w_grad = fused_loss_and_grad(x, labels, reduction="none", weight=ones, **kw)
+    eps = torch.finfo(dtype).eps
+    assert_close64(loss[good], w_loss[good].double(), rtol=4 * eps, atol=1e-30)
+    assert_close64(grad[good], w_grad[good].double(), rtol=4 * eps, atol=1e-30)
+    assert torch.all(w_loss[ignored] == 0) and torch.all(w_grad[ignored] == 0)
+    assert torch.isnan(w_loss[bad]).all() and torch.isnan(w_grad[bad]).all()
+
+    # sums: NaN with a bad label; without them, the reference's sum, bitwise the same run to run
+    assert torch.isnan(focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum", **kw))
+    labels[bad] = C
+    sums = [fused_loss_and_grad(x, labels, reduction="sum", normalizer=1000.0, **kw) for _ in range(3)]
+    assert all(torch.equal(s[0], sums[0][0]) and torch.equal(s[1], sums[0][1]) for s in sums)
+    keep = labels != -1
+    x_clean = torch.where(keep[:, None], x, torch.zeros_like(x))  # ignored rows' logits do not matter
+    ref_sum, ref_sgrad = reference_loss_and_grad(x_clean, labels, reduction="sum", normalizer=1000.0, **kw)
+    assert_close64(sums[0][0], ref_sum, rtol=max(tol, 1e-6), atol=0)
+    assert_close64(sums[0][1], ref_sgrad, rtol=tol, atol=tol)
+    mean_loss, mean_grad = fused_loss_and_grad(x, labels, reduction="mean", **kw)
+    ref_mean, ref_mgrad = reference_loss_and_grad(x_clean, labels, reduction="mean", **kw)
+    assert_close64(mean_loss, ref_mean, rtol=max(tol, 1e-6), atol=0)
+    assert_close64(mean_grad, ref_mgrad, rtol=tol, atol=tol)

@@ -49,6 +49,20 @@ __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
+// Element j of a pack in the compute type. bfloat16 is the top half of a
+// float32: the odd element of each 32-bit word is masked in place (one
+// instruction, where the generic conversion extracts it and shifts it back).
+template <class acc_t, class T, int N>
+__device__ __forceinline__ acc_t pack_element(const Pack<T, N>& v, int j) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t word;
+    memcpy(&word, &v.v[j & ~1], sizeof(word));
+    return __uint_as_float((j & 1) ? (word & 0xffff0000u) : (word << 16));
+  } else {
+    return static_cast<acc_t>(v.v[j]);
+  }
+}
+
 template <class T, int N>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
   *reinterpret_cast<Pack<T, N>*>(p) = v;
@@ -96,22 +110,29 @@ __device__ __forceinline__ acc_t load_weight(const FocalParams& p, int64_t offse
 
 // A label row, decided once per row on the vector path: the class that is
 // positive in this row (C = background matches no column), the row's factor
-// f (1; 0 for ignore_index; NaN for a label outside [0, C]), whether the row
-// counts at all, and what a dropped element holds (0, or NaN for a bad label).
+// f (1; 0 for ignore_index; NaN for a label outside [0, C]), what a dropped
+// element holds (0, or NaN for a bad label), whether the row counts at all,
+// and whether its label is a class or background (then f == 1 and every
+// element is computed; otherwise every element of the row is `dropped`).
 template <class acc_t>
 struct LabelRow {
   int64_t cls;
   acc_t f;
   acc_t dropped;
   bool keep;
+  bool valid;
 };
 
+// Without branches: cls is the label itself (a label outside [0, C) matches no
+// column, and a dropped row's values never depend on it).
 template <class acc_t, class target_t>
 __device__ __forceinline__ LabelRow<acc_t> label_row(const FocalParams& p, target_t t) {
   const int64_t label = static_cast<int64_t>(t);
-  if (label == p.ignore_index) return {-1, acc_t(0), acc_t(0), false};
-  if (label < 0 || label > p.num_classes) return {-1, acc_t(NAN), acc_t(NAN), true};
-  return {label, acc_t(1), acc_t(0), true};
+  const bool ignored = label == p.ignore_index;
+  const bool in_range = static_cast<uint64_t>(label) <= static_cast<uint64_t>(p.num_classes);  // 0 <= label <= C
+  const acc_t dropped = ignored ? acc_t(0) : acc_t(NAN);
+  const bool valid = !ignored && in_range;
+  return {label, valid ? acc_t(1) : dropped, dropped, !ignored, valid};
 }
 
 // Vector-path element of a label row: same values as element() above. A zero
@@ -163,7 +184,7 @@ __device__ __forceinline__ void compute_pack(const FocalParams& p, const FocalCo
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t w = kHasWeight ? wd[w0 + j * w_cs] : acc_t(1);
-      label_element<GK, kHasWeight>(k, static_cast<acc_t>(xv.v[j]), j == rel, row, w, l[j], g[j]);
+      label_element<GK, kHasWeight>(k, pack_element<acc_t>(xv, j), j == rel, row, w, l[j], g[j]);
     }
   } else {
     [[maybe_unused]] LabelRow<acc_t> row;
@@ -177,18 +198,37 @@ __device__ __forceinline__ void compute_pack(const FocalParams& p, const FocalCo
       }
       const acc_t w = kHasWeight ? wd[r * w_rs + c * w_cs] : acc_t(1);
       if constexpr (kLabels) {
-        label_element<GK, kHasWeight>(k, static_cast<acc_t>(xv.v[j]), c == row.cls, row, w, l[j], g[j]);
+        label_element<GK, kHasWeight>(k, pack_element<acc_t>(xv, j), c == row.cls, row, w, l[j], g[j]);
       } else {
-        element<GK>(p, k, static_cast<acc_t>(xv.v[j]), tv.v[j], c, w, l[j], g[j]);
+        element<GK>(p, k, pack_element<acc_t>(xv, j), tv.v[j], c, w, l[j], g[j]);
       }
       ++c;
     }
   }
 }
 
-// The vector path: kUnroll 16-byte packs per thread per step of the
-// grid-stride loop, their loads all issued before the first is used (more
-// bytes in flight); a thread's (row, col) advances without division.
+// One pack's outputs: the gradient g * gf and, for Reduction::None, the loss
+// l * lf, each with one 16-byte store.
+template <int kVec, class scalar_t, class acc_t>
+__device__ __forceinline__ void store_outputs(scalar_t* __restrict__ grad, scalar_t* __restrict__ loss, int64_t i0,
+                                              const acc_t (&l)[kVec], const acc_t (&g)[kVec], acc_t lf, acc_t gf) {
+  if (grad != nullptr) {
+    Pack<scalar_t, kVec> gv;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) gv.v[j] = static_cast<scalar_t>(g[j] * gf);
+    store_pack<scalar_t, kVec>(grad + i0, gv);
+  }
+  if (loss != nullptr) {
+    Pack<scalar_t, kVec> lv;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) lv.v[j] = static_cast<scalar_t>(l[j] * lf);
+    store_pack<scalar_t, kVec>(loss + i0, lv);
+  }
+}
+
+// The vector path of the general kernel: kUnroll 16-byte packs per thread per
+// step of the grid-stride loop, their loads all issued before the first is
+// used (more bytes in flight); a thread's (row, col) advances without division.
 template <int GK, bool kHasWeight, bool kOneRow, int kUnroll, class scalar_t, class target_t, class acc_t>
 __device__ __forceinline__ double vector_loop(const FocalParams& p, const FocalCoeffs<acc_t>& k, int64_t npacks,
                                               int64_t tid, int64_t step, acc_t factor, acc_t gfactor) {
@@ -234,25 +274,13 @@ __device__ __forceinline__ double vector_loop(const FocalParams& p, const FocalC
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (v + u * step >= npacks) break;
-      const int64_t i0 = (v + u * step) * kVec;
       acc_t l[kVec], g[kVec];
       compute_pack<GK, kHasWeight, kOneRow>(p, k, xv[u], tv[u], t, rr[u], cc[u], w_rs, w_cs, l, g);
-      acc_t pack_sum = acc_t(0);
+      acc_t pack_sum = l[0];  // (0 + l[0] would be an addition: -0.0)
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) pack_sum += l[j];
+      for (int j = 1; j < kVec; ++j) pack_sum += l[j];
       sum += static_cast<double>(pack_sum);
-      if (grad != nullptr) {
-        Pack<scalar_t, kVec> gv;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) gv.v[j] = static_cast<scalar_t>(g[j] * gfactor);
-        store_pack<scalar_t, kVec>(grad + i0, gv);
-      }
-      if (loss != nullptr) {
-        Pack<scalar_t, kVec> lv;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) lv.v[j] = static_cast<scalar_t>(l[j] * factor);
-        store_pack<scalar_t, kVec>(loss + i0, lv);
-      }
+      store_outputs<kVec, scalar_t>(grad, loss, (v + u * step) * kVec, l, g, factor, gfactor);
     }
     r0 = rr[kUnroll - 1];
     c0 = cc[kUnroll - 1];
@@ -261,15 +289,58 @@ __device__ __forceinline__ double vector_loop(const FocalParams& p, const FocalC
   return sum;
 }
 
+// The forward kernels' options in the compute type, made on the host: from
+// FocalParams' doubles inside the kernel, nvcc converted them again at each use
+// (it sank the conversion below the per-element alpha select: five
+// instructions per element instead of one; and the gradient factor's per pack).
+template <class acc_t>
+struct KernelConsts {
+  FocalCoeffs<acc_t> k;
+  acc_t scale;
+  acc_t grad_prescale;
+};
+
+template <class acc_t>
+KernelConsts<acc_t> make_consts(const FocalParams& p) {
+  return {make_coeffs<acc_t>(p), static_cast<acc_t>(p.scale), static_cast<acc_t>(p.grad_prescale)};
+}
+
+template <class acc_t>
+struct OutputFactors {
+  acc_t loss;  // scale / divisor
+  acc_t grad;  // the same, or grad_prescale (float16: the rest is applied in backward)
+};
+
+template <class acc_t>
+__device__ __forceinline__ OutputFactors<acc_t> output_factors(const FocalParams& p, const KernelConsts<acc_t>& kc) {
+  acc_t factor = kc.scale;
+  if (p.divisor != nullptr) factor = factor / *static_cast<const acc_t*>(p.divisor);
+  return {factor, kc.grad_prescale > acc_t(0) ? kc.grad_prescale : factor};
+}
+
+// Reduction::Sum: the block's threads' sums, reduced with CUB, into partials[blockIdx.x].
+__device__ __forceinline__ void write_block_partial(const FocalParams& p, double sum, double* __restrict__ partials) {
+  if (p.reduction == Reduction::Sum) {
+    using BlockReduce = cub::BlockReduce<double, kThreads>;
+    __shared__ typename BlockReduce::TempStorage storage;
+    const double block_sum = BlockReduce(storage).Sum(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
+  }
+}
+
+// The general kernel: every dtype, target kind, weight and layout. The vector
+// path above where the tensors allow it, then a scalar grid-stride loop with
+// 64-bit indexing over the rest (all of it for strided, misaligned or float64
+// tensors).
 template <class scalar_t, class target_t, int GK, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
-    focal_forward_kernel(const FocalParams p, bool vectorized, double* __restrict__ partials) {
+    focal_forward_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool vectorized,
+                         double* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLabels = std::is_integral_v<target_t>;
 
-  const FocalCoeffs<acc_t> k = make_coeffs<acc_t>(p);
-  const acc_t factor = load_factor<acc_t>(p);
-  const acc_t gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
+  const FocalCoeffs<acc_t>& k = kc.k;
+  const OutputFactors<acc_t> f = output_factors<acc_t>(p, kc);
   const int64_t n = p.rows * p.cols;
   const int64_t cols = p.cols;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -291,13 +362,13 @@ __global__ void __launch_bounds__(kThreads)
       const bool has_weight = p.weight.data != nullptr;
       const bool one_row = kLabels && cols % kVec == 0;
       if (one_row && !has_weight) {
-        sum = vector_loop<GK, false, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, factor, gfactor);
+        sum = vector_loop<GK, false, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
       } else if (one_row) {
-        sum = vector_loop<GK, true, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, factor, gfactor);
+        sum = vector_loop<GK, true, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
       } else if (!has_weight) {
-        sum = vector_loop<GK, false, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, factor, gfactor);
+        sum = vector_loop<GK, false, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
       } else {
-        sum = vector_loop<GK, true, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, factor, gfactor);
+        sum = vector_loop<GK, true, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
       }
     }
   }
@@ -318,16 +389,140 @@ __global__ void __launch_bounds__(kThreads)
     acc_t l, g;
     element<GK>(p, k, static_cast<acc_t>(x[ox]), t[ot], c, load_weight<acc_t>(p, ow), l, g);
     sum += static_cast<double>(l);
-    if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * gfactor);
-    if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * factor);
+    if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * f.grad);
+    if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * f.loss);
   }
+  write_block_partial(p, sum, partials);
+}
 
-  if (p.reduction == Reduction::Sum) {
-    using BlockReduce = cub::BlockReduce<double, kThreads>;
-    __shared__ typename BlockReduce::TempStorage storage;
-    const double block_sum = BlockReduce(storage).Sum(sum);
-    if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
+// Loss and gradient of one pack of a row whose label is a class or background
+// (LabelRow::valid), rel = the class's column minus the pack's first column.
+// Returns a factor for the whole pack (its sum and both outputs): a pack
+// without the row's class (almost every pack) takes the all-negative math,
+// with no selects on the target, and leaves alpha_neg to that factor; the pack
+// that holds the class compares each column with it.
+template <int GK, int kVec, class scalar_t, class acc_t>
+__device__ __forceinline__ acc_t row_pack(const FocalCoeffs<acc_t>& k, const Pack<scalar_t, kVec>& xv, int64_t rel,
+                                          acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+  if (rel < 0 || rel >= kVec) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
+    }
+    return k.alpha_neg;
   }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YMask<acc_t, acc_t>{j == rel}, k, l[j], g[j]);
+  }
+  return acc_t(1);
+}
+
+// The packs of one step of the label-rows kernel: logits, the row's label and
+// the pack's first column.
+template <class scalar_t, class target_t, int kUnroll>
+struct RowStep {
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  Pack<scalar_t, kVec> x[kUnroll];
+  target_t label[kUnroll];
+  int col[kUnroll];
+};
+
+// Where a thread's next pack to load is: its index v (packs are kVec elements),
+// its row r and first column c. Moving by one grid stride is whole rows dr and
+// columns dc < C: no division (C < 2^30, so c + dc does not overflow).
+struct RowCursor {
+  int64_t v;
+  int64_t r;
+  int c;
+  __device__ __forceinline__ void next(int64_t step, int64_t dr, int dc, int cols) {
+    v += step;
+    r += dr;
+    c += dc;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
+    }
+  }
+};
+
+// Issues the loads of kUnroll packs from the cursor on (those below npacks),
+// moving it past them.
+template <class scalar_t, class target_t, int kUnroll>
+__device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnroll>& s, const scalar_t* __restrict__ x,
+                                              const target_t* __restrict__ t, RowCursor& at, int64_t npacks,
+                                              int64_t step, int64_t dr, int dc, int cols) {
+  constexpr int kVec = RowStep<scalar_t, target_t, kUnroll>::kVec;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    s.col[u] = at.c;
+    if (at.v < npacks) {
+      s.x[u] = load_pack<scalar_t, kVec>(x + at.v * kVec);
+      s.label[u] = t[at.r];
+    }
+    at.next(step, dr, dc, cols);
+  }
+}
+
+// The hot path, as its own kernel: class labels, C a multiple of the pack (and
+// below 2^30), no weight, contiguous 16-byte-aligned tensors, 16/32-bit logits.
+// Without the general kernel's other paths it needs far fewer registers (more
+// warps per SM), and it loads each step's packs one step ahead, so a thread's
+// next loads are in flight while it computes (a load issued in the same step
+// gets sunk by ptxas behind the label's compare, into the branch that uses it).
+// Each pack's label decides the whole pack: an ignored row or a bad label is
+// filled with LabelRow::dropped and does no math; others go through row_pack.
+template <class scalar_t, class target_t, int GK, int kUnroll>
+__global__ void __launch_bounds__(kThreads)
+    focal_label_rows_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool,
+                            double* __restrict__ partials) {
+  static_assert(std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>);
+  using acc_t = acc_type<scalar_t>;
+  using Step = RowStep<scalar_t, target_t, kUnroll>;
+  constexpr int kVec = Step::kVec;
+  const FocalCoeffs<acc_t>& k = kc.k;
+  const OutputFactors<acc_t> f = output_factors<acc_t>(p, kc);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(p.input.data);
+  const target_t* __restrict__ t = static_cast<const target_t*>(p.target.data);
+  scalar_t* __restrict__ grad = static_cast<scalar_t*>(p.grad);
+  scalar_t* __restrict__ loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
+  const int cols = static_cast<int>(p.cols);
+  const int64_t npacks = p.rows * p.cols / kVec;
+  const int64_t dr = step * kVec / cols;
+  const int dc = static_cast<int>(step * kVec - dr * cols);
+  RowCursor at{tid, tid * kVec / cols, static_cast<int>(tid * kVec % cols)};
+
+  double sum = 0.0;
+  Step cur;
+  load_row_step(cur, x, t, at, npacks, step, dr, dc, cols);
+  for (int64_t v = tid; v < npacks; v += kUnroll * step) {
+    Step next;
+    load_row_step(next, x, t, at, npacks, step, dr, dc, cols);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * step >= npacks) break;
+      const int64_t i0 = (v + u * step) * kVec;
+      const LabelRow<acc_t> row = label_row<acc_t>(p, cur.label[u]);
+      acc_t l[kVec], g[kVec];
+      if (!row.valid) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) l[j] = g[j] = row.dropped;
+        sum += static_cast<double>(row.dropped);  // 0, or NaN
+        store_outputs<kVec, scalar_t>(grad, loss, i0, l, g, f.loss, f.grad);
+        continue;
+      }
+      const acc_t a = row_pack<GK>(k, cur.x[u], row.cls - cur.col[u], l, g);
+      acc_t pack_sum = l[0];
+#pragma unroll
+      for (int j = 1; j < kVec; ++j) pack_sum += l[j];
+      sum += static_cast<double>(pack_sum * a);
+      store_outputs<kVec, scalar_t>(grad, loss, i0, l, g, f.loss * a, f.grad * a);
+    }
+    cur = next;
+  }
+  write_block_partial(p, sum, partials);
 }
 
 // One block adds the partials in a fixed order and writes sum * factor.
@@ -409,7 +604,8 @@ int64_t grid_size(int64_t n, int device, int resident_blocks_per_sm) {
 
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0; }
 
-using ForwardKernel = void (*)(const FocalParams, bool, double*);
+template <class scalar_t>
+using ForwardKernel = void (*)(const FocalParams, const KernelConsts<acc_type<scalar_t>>, bool, double*);
 
 // Calls f.template operator()<scalar_t, target_t, GK>() for p's dtypes and gamma.
 template <class F>
@@ -453,16 +649,38 @@ void dispatch_forward(const FocalParams& p, F&& f) {
 template <class scalar_t>
 constexpr int kUnrollPacks = sizeof(scalar_t) == 4 ? 2 : 1;
 
+// Packs per thread per step of the label-rows kernel (loaded one step ahead).
+// Not measured yet: the general kernel's counts, which fit both types' registers.
+template <class scalar_t>
+constexpr int kRowUnrollPacks = kUnrollPacks<scalar_t>;
+
+// The kernel for a launch, and whether its tensors allow the vector path.
+template <class scalar_t>
+struct ForwardLaunch {
+  ForwardKernel<scalar_t> kernel;
+  bool vectorized;
+};
+
 template <class scalar_t, class target_t, int GK>
-ForwardKernel forward_kernel() {
+ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
   if constexpr (std::is_same_v<scalar_t, double>) {  // no vector path
-    return focal_forward_kernel<scalar_t, target_t, GK, 1>;
+    return {focal_forward_kernel<scalar_t, target_t, GK, 1>, false};
   } else {
-    return focal_forward_kernel<scalar_t, target_t, GK, kUnrollPacks<scalar_t>>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vectorized = p.contiguous && aligned16(p.input.data) &&
+                            (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
+                            aligned16(p.loss);
+    if constexpr (std::is_integral_v<target_t>) {
+      if (vectorized && p.cols % kVec == 0 && p.cols < (int64_t(1) << 30) && p.weight.data == nullptr) {
+        return {focal_label_rows_kernel<scalar_t, target_t, GK, kRowUnrollPacks<scalar_t>>, true};
+      }
+    }
+    return {focal_forward_kernel<scalar_t, target_t, GK, kUnrollPacks<scalar_t>>, vectorized};
   }
 }
 
-int resident_blocks(ForwardKernel kernel) {
+template <class Kernel>
+int resident_blocks(Kernel kernel) {
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
   return blocks;
@@ -471,7 +689,7 @@ int resident_blocks(ForwardKernel kernel) {
 int64_t forward_grid(const FocalParams& p, int device) {
   int64_t grid = 1;
   dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
-    grid = grid_size(p.rows * p.cols, device, resident_blocks(forward_kernel<scalar_t, target_t, GK>()));
+    grid = grid_size(p.rows * p.cols, device, resident_blocks(forward_launch<scalar_t, target_t, GK>(p).kernel));
   });
   return grid;
 }
@@ -483,17 +701,18 @@ int64_t forward_num_blocks(const FocalParams& p, int device) {
   return forward_grid(p, device);
 }
 
+// Reduction::Sum launches exactly nblocks blocks (one partial each), whatever
+// forward_num_blocks said, so partials is never overrun.
 void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out) {
   if (p.rows * p.cols == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
   const int64_t grid = p.reduction == Reduction::Sum ? nblocks : forward_grid(p, device);
   dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
-    const bool vectorized = !std::is_same_v<scalar_t, double> && p.contiguous && aligned16(p.input.data) &&
-                            (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
-                            aligned16(p.loss);
-    forward_kernel<scalar_t, target_t, GK>()<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        p, vectorized, static_cast<double*>(partials));
+    const ForwardLaunch<scalar_t> launch = forward_launch<scalar_t, target_t, GK>(p);
+    launch.kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, make_consts<acc_type<scalar_t>>(p),
+                                                                         launch.vectorized,
+                                                                         static_cast<double*>(partials));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.reduction == Reduction::Sum) {
       focal_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(p, static_cast<const double*>(partials), nblocks,
