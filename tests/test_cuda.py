@@ -211,9 +211,10 @@ def test_label_rows_kernel(dtype, C, rows, label_dtype, gamma, alpha):
     # where alpha is applied (one float32 rounding, then the output dtype's)
     ones = torch.ones(C, device="cuda")
     w_loss, w_grad = fused_loss_and_grad(x, labels, reduction="none", weight=ones, **kw)
-    eps = torch.finfo(dtype).eps
-    assert_close64(loss[good], w_loss[good].double(), rtol=4 * eps, atol=1e-30)
-    assert_close64(grad[good], w_grad[good].double(), rtol=4 * eps, atol=1e-30)
+    # (below the dtype's smallest normal number, either may round to a different subnormal or 0)
+    close = dict(rtol=4 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
+    torch.testing.assert_close(loss[good].double(), w_loss[good].double(), **close)
+    torch.testing.assert_close(grad[good].double(), w_grad[good].double(), **close)
     assert torch.all(w_loss[ignored] == 0) and torch.all(w_grad[ignored] == 0)
     assert torch.isnan(w_loss[bad]).all() and torch.isnan(w_grad[bad]).all()
 
@@ -226,8 +227,12 @@ def test_label_rows_kernel(dtype, C, rows, label_dtype, gamma, alpha):
     x_clean = torch.where(keep[:, None], x, torch.zeros_like(x))  # ignored rows' logits do not matter
     ref_sum, ref_sgrad = reference_loss_and_grad(x_clean, labels, reduction="sum", normalizer=1000.0, **kw)
     assert_close64(sums[0][0], ref_sum, rtol=max(tol, 1e-6), atol=0)
-    assert_close64(sums[0][1], ref_sgrad, rtol=tol, atol=tol)
+    # (float16 gradients divided by a normaliser fall among its subnormals: absolute slack of its tiny)
+    sub = torch.finfo(dtype).tiny if dtype == torch.float16 else 0.0
+    slack = tol * ref_sgrad.abs().max().item() + sub
+    torch.testing.assert_close(sums[0][1].double().cpu(), ref_sgrad.cpu(), rtol=tol, atol=slack)
     mean_loss, mean_grad = fused_loss_and_grad(x, labels, reduction="mean", **kw)
     ref_mean, ref_mgrad = reference_loss_and_grad(x_clean, labels, reduction="mean", **kw)
     assert_close64(mean_loss, ref_mean, rtol=max(tol, 1e-6), atol=0)
-    assert_close64(mean_grad, ref_mgrad, rtol=tol, atol=tol)
+    slack = tol * ref_mgrad.abs().max().item() + sub
+    torch.testing.assert_close(mean_grad.double().cpu(), ref_mgrad.cpu(), rtol=tol, atol=slack)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Race kernel variants on one GPU in one call: the tree as it is against patched copies of it.
+
+A tuning aid for sessions with little device time. Each variant is a copy of this tree with one
+patch from benchmarks/variants/ applied (``main`` is the tree unpatched); all variants are built at
+once (the device machine has many cores), then benchmarks/tune_cuda.py runs on each in turn, the
+variants interleaved round by round so that drift of the GPU's clocks hits them all alike.
+Each variant first passes the CUDA value tests of its kernels (part of test_cuda.py), or it is not
+timed. About 8 minutes on an H100 for five variants and two dtypes.
+
+    python3 benchmarks/race_cuda.py [--variants a.patch,b.patch] [--dtypes fp32,bf16] [--rounds 3]
+                                    [--json out.json]
+
+Uses the machine's own python3 and what it has (torch, pytest, ninja, pybind11): no downloads.
+Prints one line per variant and dtype: the median over rounds of tune_cuda's forward+backward time
+and its percentage of the same round's device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.environ.get("FOCAL_RACE_DIR", "/tmp/focal_race")
+SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "results", "__pycache__", ".dev", ".whl")
+
+
+def apply_patch(text: str, dest: str) -> None:
+    """Applies a unified diff (git diff's output, paths a/... b/...) under dest: each hunk's old
+    lines must appear in the file exactly once. (No dependence on git or patch being installed.)"""
+    files = re.split(r"^--- (?:a/)?\S+\n\+\+\+ b/(\S+)\n", text, flags=re.M)
+    for path, body in zip(files[1::2], files[2::2]):
+        target = os.path.join(dest, path)
+        with open(target) as f:
+            content = f.read()
+        for hunk in re.split(r"^@@[^\n]*@@[^\n]*\n", body, flags=re.M)[1:]:
+            old, new = [], []
+            for line in hunk.splitlines(keepends=True):
+                if line.startswith("diff --git") or line.startswith("index "):
+                    break
+                tag, rest = line[:1], line[1:]
+                if tag in (" ", "-"):
+                    old.append(rest)
+                if tag in (" ", "+"):
+                    new.append(rest)
+            before, after = "".join(old), "".join(new)
+            if content.count(before) != 1:
+                raise RuntimeError(f"{path}: a hunk's context is found {content.count(before)} times")
+            content = content.replace(before, after)
+        with open(target, "w") as f:
+            f.write(content)
+
+
+def make_variant(name: str, patch: str | None) -> str:
+    dest = os.path.join(WORK, name)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(ROOT, dest, ignore=SKIP)
+    if patch:
+        with open(patch) as f:
+            apply_patch(f.read(), dest)
+    return dest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated patch files (default: every benchmarks/variants/*.patch)")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-test", action="store_true", help="time variants without their CUDA value tests")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("race_cuda: no CUDA device", file=sys.stderr)
+        return 2
+    patches = (args.variants.split(",") if args.variants
+               else sorted(glob.glob(os.path.join(ROOT, "benchmarks", "variants", "*.patch"))))
+    variants = {"main": make_variant("main", None)}
+    for patch in patches:
+        name = os.path.splitext(os.path.basename(patch))[0]
+        variants[name] = make_variant(name, os.path.abspath(patch))
+
+    major, minor = torch.cuda.get_device_capability(0)
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", FOCAL_CUDA_REQUIRE_CUDA="1",
+               PYTHONUNBUFFERED="1")
+    env["MAX_JOBS"] = str(max(1, (os.cpu_count() or 2) // len(variants)))
+    t0 = time.time()
+    builds = {name: subprocess.Popen([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=d, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for name, d in variants.items()}
+    ok = {}
+    for name, proc in builds.items():
+        out = proc.communicate()[0]
+        ok[name] = proc.returncode == 0
+        if not ok[name]:
+            print(f"{name}: build failed\n{out[-3000:]}", flush=True)
+    print(f"built {sum(ok.values())}/{len(ok)} variants in {time.time() - t0:.0f} s", flush=True)
+
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "commit": os.environ.get("FOCAL_CUDA_COMMIT", ""), "variants": {}}
+    if not args.no_test:
+        for name, d in variants.items():
+            if not ok[name]:
+                continue
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_cuda.py", "-k",
+                                   "label_rows or vector_scalar or graph or bad_labels"], cwd=d, env=env,
+                                  capture_output=True, text=True)
+            ok[name] = proc.returncode == 0
+            last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{name}: test_cuda.py {last}", flush=True)
+            report["variants"][name] = {"tests": last}
+
+    rows = {name: {} for name in variants if ok[name]}
+    for rnd in range(args.rounds):
+        for name in rows:
+            out = os.path.join(WORK, f"{name}-round{rnd}.json")
+            proc = subprocess.run([sys.executable, "benchmarks/tune_cuda.py", "--dtypes", args.dtypes, "--json", out],
+                                  cwd=variants[name], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: tune_cuda failed\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}", flush=True)
+                continue
+            with open(out) as f:
+                for r in json.load(f):
+                    rows[name].setdefault(r["dtype"], []).append(r)
+    for name, by_dtype in rows.items():
+        entry = report["variants"].setdefault(name, {})
+        for dtype, rs in by_dtype.items():
+            entry[dtype] = {"fwdbwd_ms": statistics.median(r["fwdbwd_ms"] for r in rs),
+                            "fwd_ms": statistics.median(r["fwd_ms"] for r in rs),
+                            "pct_copy": statistics.median(r["pct_copy"] for r in rs), "rounds": rs}
+            e = entry[dtype]
+            print(f"{name:>24} {dtype}: fwd+bwd {e['fwdbwd_ms']:.3f} ms  fwd {e['fwd_ms']:.3f} ms  "
+                  f"{e['pct_copy']:.1f}% of copy  (median of {len(rs)})", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0 if all(ok.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
