@@ -176,14 +176,15 @@ def test_scale_grad_skips_when_one():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("C,rows", [(8, 150_001), (80, 20_011)])
+@pytest.mark.parametrize("C,rows", [(8, 150_001), (80, 20_011), (91, 16_001), (9, 133_337)])
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.5, -1.0)])
 def test_label_rows_kernel(dtype, C, rows, label_dtype, gamma, alpha):
-    """The label-rows kernel (unweighted class labels, C a multiple of the 16-byte pack, aligned):
-    many grid-stride steps per thread with a ragged last one, the class in every column, ignored
-    rows holding +-inf and NaN logits (exact zeros), bad labels (NaN rows). Checked against the
-    float64 reference and against the general kernel (the same call with a weight of ones)."""
+    """The label-rows kernel (unweighted class labels, C at least the 16-byte pack, aligned; C = 91
+    and 9 have packs that run into the next row, and a scalar tail): many grid-stride steps per
+    thread with a ragged last one, the class in every column, ignored rows holding +-inf and NaN
+    logits (exact zeros), bad labels (NaN rows). Checked against the float64 reference and against
+    the general kernel (the same call with a weight of ones)."""
     g = torch.Generator().manual_seed(C + rows)
     x = torch.randn(rows, C, generator=g) * 4
     labels = torch.randint(0, C + 1, (rows,), generator=g)

@@ -123,8 +123,8 @@ struct LabelRow {
   bool valid;
 };
 
-// Without branches: cls is the label itself (a label outside [0, C) matches no
-// column, and a dropped row's values never depend on it).
+// Without branches. cls is -1 for a row that is dropped (matches no column,
+// and never overflows the column arithmetic the label-rows kernel does with it).
 template <class acc_t, class target_t>
 __device__ __forceinline__ LabelRow<acc_t> label_row(const FocalParams& p, target_t t) {
   const int64_t label = static_cast<int64_t>(t);
@@ -132,7 +132,7 @@ __device__ __forceinline__ LabelRow<acc_t> label_row(const FocalParams& p, targe
   const bool in_range = static_cast<uint64_t>(label) <= static_cast<uint64_t>(p.num_classes);  // 0 <= label <= C
   const acc_t dropped = ignored ? acc_t(0) : acc_t(NAN);
   const bool valid = !ignored && in_range;
-  return {label, valid ? acc_t(1) : dropped, dropped, !ignored, valid};
+  return {valid ? label : -1, valid ? acc_t(1) : dropped, dropped, !ignored, valid};
 }
 
 // Vector-path element of a label row: same values as element() above. A zero
@@ -395,36 +395,15 @@ __global__ void __launch_bounds__(kThreads)
   write_block_partial(p, sum, partials);
 }
 
-// Loss and gradient of one pack of a row whose label is a class or background
-// (LabelRow::valid), rel = the class's column minus the pack's first column.
-// Returns a factor for the whole pack (its sum and both outputs): a pack
-// without the row's class (almost every pack) takes the all-negative math,
-// with no selects on the target, and leaves alpha_neg to that factor; the pack
-// that holds the class compares each column with it.
-template <int GK, int kVec, class scalar_t, class acc_t>
-__device__ __forceinline__ acc_t row_pack(const FocalCoeffs<acc_t>& k, const Pack<scalar_t, kVec>& xv, int64_t rel,
-                                          acc_t (&l)[kVec], acc_t (&g)[kVec]) {
-  if (rel < 0 || rel >= kVec) {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
-    }
-    return k.alpha_neg;
-  }
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YMask<acc_t, acc_t>{j == rel}, k, l[j], g[j]);
-  }
-  return acc_t(1);
-}
-
-// The packs of one step of the label-rows kernel: logits, the row's label and
-// the pack's first column.
+// The packs of one step of the label-rows kernel: logits, the label of the row
+// each pack starts in and, where it runs into the next row, that row's label,
+// and the pack's first column.
 template <class scalar_t, class target_t, int kUnroll>
 struct RowStep {
   static constexpr int kVec = 16 / sizeof(scalar_t);
   Pack<scalar_t, kVec> x[kUnroll];
   target_t label[kUnroll];
+  target_t next_label[kUnroll];
   int col[kUnroll];
 };
 
@@ -447,8 +426,10 @@ struct RowCursor {
 };
 
 // Issues the loads of kUnroll packs from the cursor on (those below npacks),
-// moving it past them.
-template <class scalar_t, class target_t, int kUnroll>
+// moving it past them. kCross (C not a multiple of the pack): a pack that runs
+// into the next row (C >= kVec: into one row at most) also loads that row's
+// label; the row exists, as the pack lies inside the tensor.
+template <bool kCross, class scalar_t, class target_t, int kUnroll>
 __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnroll>& s, const scalar_t* __restrict__ x,
                                               const target_t* __restrict__ t, RowCursor& at, int64_t npacks,
                                               int64_t step, int64_t dr, int dc, int cols) {
@@ -459,20 +440,78 @@ __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnrol
     if (at.v < npacks) {
       s.x[u] = load_pack<scalar_t, kVec>(x + at.v * kVec);
       s.label[u] = t[at.r];
+      if (kCross && at.c + kVec > cols) s.next_label[u] = t[at.r + 1];
     }
     at.next(step, dr, dc, cols);
   }
 }
 
-// The hot path, as its own kernel: class labels, C a multiple of the pack (and
-// below 2^30), no weight, contiguous 16-byte-aligned tensors, 16/32-bit logits.
-// Without the general kernel's other paths it needs far fewer registers (more
-// warps per SM), and it loads each step's packs one step ahead, so a thread's
-// next loads are in flight while it computes (a load issued in the same step
-// gets sunk by ptxas behind the label's compare, into the branch that uses it).
-// Each pack's label decides the whole pack: an ignored row or a bad label is
-// filled with LabelRow::dropped and does no math; others go through row_pack.
-template <class scalar_t, class target_t, int GK, int kUnroll>
+// Loss and gradient of one pack of the label-rows kernel whose first element is
+// column c of a row with label row.cls; if the pack runs into the next row
+// (c + kVec > C), its elements from j = C - c on belong to the row with
+// `next_label`. Returns a factor the caller applies to the whole pack (its sum
+// and both outputs):
+//  * both rows count and neither row's class lies in the pack (almost every
+//    pack): the all-negative math, no selects on the target, and alpha_neg
+//    left to that factor;
+//  * otherwise (the pack holds a class, or an ignored row or a bad label
+//    meets a counted row in it), element by element as the general kernel.
+// A pack inside one ignored or bad row never gets here: the kernel fills it.
+template <int GK, bool kCross, int kVec, class scalar_t, class target_t, class acc_t>
+__device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeffs<acc_t>& k,
+                                          const Pack<scalar_t, kVec>& xv, const LabelRow<acc_t>& row, target_t next_label,
+                                          int c, int cols, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+  if constexpr (!kCross) {  // C a multiple of the pack: one row, and it counts (the kernel filled the others)
+    const int64_t rel = row.cls - c;  // the class's place in this pack, if it is in it
+    if (rel < 0 || rel >= kVec) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
+      }
+      return k.alpha_neg;
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YMask<acc_t, acc_t>{j == rel}, k, l[j], g[j]);
+    }
+    return acc_t(1);
+  }
+  const bool cross = c + kVec > cols;
+  const int split = cross ? cols - c : kVec;  // elements of the first row
+  const LabelRow<acc_t> row2 = cross ? label_row<acc_t>(p, next_label) : row;
+  // The first row's class is in the pack if rel is in [0, split) (background, C, lands on split); the
+  // second row's if rel2 < kVec (background gives split + C > kVec). A dropped row (cls -1) matters not:
+  // its pack is not all-negative, and no column j matches.
+  const int64_t rel = row.cls - c;
+  const int64_t rel2 = split + row2.cls;
+  const bool negative = row.valid && row2.valid && !(rel >= 0 && rel < split) && !(cross && rel2 < kVec);
+  if (negative) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
+    }
+    return k.alpha_neg;
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const bool second = j >= split;
+    label_element<GK, false>(k, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel, second ? row2 : row,
+                             acc_t(1), l[j], g[j]);
+  }
+  return acc_t(1);
+}
+
+// The hot path, as its own kernel: class labels, no weight, C >= the pack (and
+// below 2^30), contiguous 16-byte-aligned tensors, 16/32-bit logits. Without
+// the general kernel's other paths it needs far fewer registers (more warps
+// per SM), and it loads each step's packs one step ahead, so a thread's next
+// loads are in flight while it computes (a load issued in the same step gets
+// sunk by ptxas behind the label's compare, into the branch that uses it).
+// A pack inside one ignored row or bad label is filled with LabelRow::dropped
+// without math; others go through row_pack. The last n % kVec elements (C not
+// a multiple of the pack) take a scalar loop. kCross: C is not a multiple of
+// the pack (a separate instantiation, so that C = 80 does not pay its registers).
+template <class scalar_t, class target_t, int GK, int kUnroll, bool kCross>
 __global__ void __launch_bounds__(kThreads)
     focal_label_rows_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool,
                             double* __restrict__ partials) {
@@ -489,31 +528,32 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ grad = static_cast<scalar_t*>(p.grad);
   scalar_t* __restrict__ loss = p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
   const int cols = static_cast<int>(p.cols);
-  const int64_t npacks = p.rows * p.cols / kVec;
+  const int64_t n = p.rows * p.cols;
+  const int64_t npacks = n / kVec;
   const int64_t dr = step * kVec / cols;
   const int dc = static_cast<int>(step * kVec - dr * cols);
   RowCursor at{tid, tid * kVec / cols, static_cast<int>(tid * kVec % cols)};
 
   double sum = 0.0;
   Step cur;
-  load_row_step(cur, x, t, at, npacks, step, dr, dc, cols);
+  load_row_step<kCross>(cur, x, t, at, npacks, step, dr, dc, cols);
   for (int64_t v = tid; v < npacks; v += kUnroll * step) {
     Step next;
-    load_row_step(next, x, t, at, npacks, step, dr, dc, cols);
+    load_row_step<kCross>(next, x, t, at, npacks, step, dr, dc, cols);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (v + u * step >= npacks) break;
       const int64_t i0 = (v + u * step) * kVec;
       const LabelRow<acc_t> row = label_row<acc_t>(p, cur.label[u]);
       acc_t l[kVec], g[kVec];
-      if (!row.valid) {
+      if (!row.valid && (!kCross || cur.col[u] + kVec <= cols)) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) l[j] = g[j] = row.dropped;
         sum += static_cast<double>(row.dropped);  // 0, or NaN
         store_outputs<kVec, scalar_t>(grad, loss, i0, l, g, f.loss, f.grad);
         continue;
       }
-      const acc_t a = row_pack<GK>(k, cur.x[u], row.cls - cur.col[u], l, g);
+      const acc_t a = row_pack<GK, kCross>(p, k, cur.x[u], row, cur.next_label[u], cur.col[u], cols, l, g);
       acc_t pack_sum = l[0];
 #pragma unroll
       for (int j = 1; j < kVec; ++j) pack_sum += l[j];
@@ -521,6 +561,14 @@ __global__ void __launch_bounds__(kThreads)
       store_outputs<kVec, scalar_t>(grad, loss, i0, l, g, f.loss * a, f.grad * a);
     }
     cur = next;
+  }
+  for (int64_t i = npacks * kVec + tid; kCross && i < n; i += step) {  // fewer than kVec elements
+    const int64_t r = i / cols;
+    acc_t l, g;
+    element<GK>(p, k, static_cast<acc_t>(x[i]), t[r], i - r * cols, acc_t(1), l, g);
+    sum += static_cast<double>(l);
+    if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * f.grad);
+    if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * f.loss);
   }
   write_block_partial(p, sum, partials);
 }
@@ -671,8 +719,10 @@ ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
                             (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
                             aligned16(p.loss);
     if constexpr (std::is_integral_v<target_t>) {
-      if (vectorized && p.cols % kVec == 0 && p.cols < (int64_t(1) << 30) && p.weight.data == nullptr) {
-        return {focal_label_rows_kernel<scalar_t, target_t, GK, kRowUnrollPacks<scalar_t>>, true};
+      if (vectorized && p.cols >= kVec && p.cols < (int64_t(1) << 30) && p.weight.data == nullptr) {
+        constexpr int kU = kRowUnrollPacks<scalar_t>;
+        if (p.cols % kVec == 0) return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, false>, true};
+        return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, true>, true};
       }
     }
     return {focal_forward_kernel<scalar_t, target_t, GK, kUnrollPacks<scalar_t>>, vectorized};
