@@ -5,6 +5,7 @@
 #   make gpu-check  on a GPU machine with torch/pytest/numpy/ninja/pybind11 preinstalled
 #                   and no network: build in place, test, benchmark, sanitize, write results
 #   make build      (re)build the extension in place (incremental)
+#   make test-emulation-asan  the CUDA kernels run on the CPU under AddressSanitizer
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV, and the build switches
 # FOCAL_CUDA_FORCE_CPU=1 / FOCAL_CUDA_REQUIRE_CUDA=1 / TORCH_CUDA_ARCH_LIST / CUDA_HOME.
@@ -17,7 +18,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 STAMP := focal_cuda/.built
 
-.PHONY: setup build test bench bench-full demo gpu-check clean
+.PHONY: setup build test test-emulation-asan bench bench-full demo gpu-check clean
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,11 @@ build: $(STAMP)
 
 test: build
 	$(PY) -m pytest tests -q
+
+# The CUDA kernels emulated on the CPU under AddressSanitizer: any out-of-bounds access aborts.
+test-emulation-asan: build
+	FOCAL_EMULATION_ASAN=1 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+		$(PY) -m pytest tests/test_cuda_emulation.py -q -s
 
 bench: build
 	$(PY) benchmarks/bench_focal.py --auto

@@ -16,14 +16,23 @@
 // reduces its threads' sums with CUB into partials[blockIdx.x] (float64) and
 // a one-block kernel adds the partials in a fixed order. No atomics, no host
 // synchronisation.
+//
+// FOCAL_CUDA_HOST_EMULATION: tests/cuda_emulation compiles this file as plain
+// C++ (kernels run thread by thread on the CPU, with stand-ins for the CUDA
+// built-ins and CUB), leaving out what needs the CUDA runtime: launches, the
+// occupancy query and the public entry points.
+#ifndef FOCAL_CUDA_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <cub/block/block_reduce.cuh>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <atomic>
-#include <cub/block/block_reduce.cuh>
+#include <cstring>
 #include <type_traits>
 
 #include "../focal_math.h"
@@ -130,8 +139,8 @@ __device__ __forceinline__ LabelRow<acc_t> label_row(const FocalParams& p, targe
   const int64_t label = static_cast<int64_t>(t);
   const bool ignored = label == p.ignore_index;
   const bool in_range = static_cast<uint64_t>(label) <= static_cast<uint64_t>(p.num_classes);  // 0 <= label <= C
-  const acc_t dropped = ignored ? acc_t(0) : acc_t(NAN);
   const bool valid = !ignored && in_range;
+  const acc_t dropped = ignored || in_range ? acc_t(0) : acc_t(NAN);  // NaN: a bad label
   return {valid ? label : -1, valid ? acc_t(1) : dropped, dropped, !ignored, valid};
 }
 
@@ -613,6 +622,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = vector_end + tid; i < n; i += step) grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * s);
 }
 
+#ifndef FOCAL_CUDA_HOST_EMULATION
 template <class scalar_t>
 void launch_scale(void* grad, int64_t numel, const void* grad_output, bool go_float32, unsigned grid, bool vectorized,
                   cudaStream_t stream) {
@@ -649,6 +659,8 @@ int64_t grid_size(int64_t n, int device, int resident_blocks_per_sm) {
   const int64_t cap = static_cast<int64_t>(sm_count(device)) * (resident_blocks_per_sm > 0 ? resident_blocks_per_sm : 1);
   return wanted < 1 ? 1 : (wanted < cap ? wanted : cap);
 }
+
+#endif  // FOCAL_CUDA_HOST_EMULATION
 
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0; }
 
@@ -729,6 +741,7 @@ ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
   }
 }
 
+#ifndef FOCAL_CUDA_HOST_EMULATION
 template <class Kernel>
 int resident_blocks(Kernel kernel) {
   int blocks = 0;
@@ -743,8 +756,11 @@ int64_t forward_grid(const FocalParams& p, int device) {
   });
   return grid;
 }
+#endif  // FOCAL_CUDA_HOST_EMULATION
 
 }  // namespace
+
+#ifndef FOCAL_CUDA_HOST_EMULATION
 
 int64_t forward_num_blocks(const FocalParams& p, int device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
@@ -798,5 +814,7 @@ void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_out
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+#endif  // FOCAL_CUDA_HOST_EMULATION
 
 }  // namespace focal::cuda

@@ -1,0 +1,154 @@
+"""The CUDA kernels' logic without a GPU: csrc/cuda/focal_cuda.cu compiled as plain C++
+(tests/cuda_emulation/emulate.cpp) and run thread by thread on the CPU, on small grids so that
+every thread takes many grid-stride steps. Checked against the CPU op (an independent kernel) and
+against what the kernels must choose: which kernel runs, which element gets which label, which
+pack takes which path, that ignored rows give exact zeros and bad labels NaN. The emulation uses
+focal_math.h's host math, so it proves indexing and control flow, not the device's arithmetic
+(test_cuda.py does that on a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import focal_cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    # FOCAL_EMULATION_ASAN=1 (`make test-emulation-asan`): built with AddressSanitizer, so that a
+    # kernel's read or write outside the tensors aborts the run with a report
+    asan = os.environ.get("FOCAL_EMULATION_ASAN") == "1"
+    flags = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
+    build = os.path.join(ROOT, "build", "cuda_emulation" + ("_asan" if asan else ""))
+    os.makedirs(build, exist_ok=True)
+    return cpp_extension.load(
+        name="focal_cuda_emulation" + ("_asan" if asan else ""),
+        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emulate.cpp")],
+        extra_cflags=["-O1", "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags],
+        extra_ldflags=flags,
+        build_directory=build,
+        verbose=False,
+    )
+
+
+PACK = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
+
+
+def expected_kernel(dtype, C, labels, weighted, aligned=True):
+    if not labels or weighted or not aligned or C < PACK[dtype]:
+        return "general"
+    return "label_rows" if C % PACK[dtype] == 0 else "label_rows_cross"
+
+
+def inputs(rows, C, dtype, kind, g):
+    x = (torch.randn(rows, C, generator=g) * 4).to(dtype)
+    if kind == "dense":
+        return x, (torch.rand(rows, C, generator=g) < 0.1).to(dtype)
+    labels = torch.randint(0, C + 1, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.1] = -1
+    labels[: min(rows, C)] = torch.arange(min(rows, C))  # the class in every column
+    return x, labels.to(torch.int32 if kind == "labels32" else torch.int64)
+
+
+def cpu_op(x, t, weight=None, **kw):
+    xr = x.clone().requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(xr, t, weight=weight, reduction="none", **kw)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), xr.grad
+
+
+def close(dtype):
+    # host math (IEEE reciprocal, log1pf) against the CPU kernel's vector math: a few float32 ulps,
+    # then at most one rounding of the storage type apart (below its smallest normal number, a
+    # different subnormal or 0)
+    if dtype == torch.float32:
+        return dict(rtol=4e-6, atol=1e-30)
+    return dict(rtol=4 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
+
+
+def sum_rtol(dtype):
+    return max(1e-5, torch.finfo(dtype).eps)  # the sum comes back in the logits' dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [1, 3, 8, 9, 80, 91])
+@pytest.mark.parametrize("kind", ["labels", "labels32", "dense"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.5, -1.0)])
+def test_emulated_kernels_match_cpu_op(emu, dtype, C, kind, weighted, gamma, alpha):
+    g = torch.Generator().manual_seed(C * 7 + len(kind))
+    rows = 20_000 // C + 3  # not a multiple of anything: ragged last steps, a scalar tail for odd C
+    x, t = inputs(rows, C, dtype, kind, g)
+    w = torch.rand(C, generator=g) + 0.5 if weighted else None
+    if w is not None:
+        w[1 % C] = 0.0  # a zero weight gives exact zeros
+    ref_loss, ref_grad = cpu_op(x, t, weight=w, gamma=gamma, alpha=alpha)
+    for grid in (1, 3):
+        loss, grad, chosen = emu.forward(x, t, w, alpha, gamma, -1, False, True, 1.0, None, grid)
+        assert chosen == expected_kernel(dtype, C, kind != "dense", weighted)
+        torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
+        torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
+        total, _, _ = emu.forward(x, t, w, alpha, gamma, -1, True, False, 1.0, None, grid)
+        torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [8, 80, 91, 9])
+def test_emulated_ignored_rows_and_bad_labels(emu, dtype, C):
+    """Ignored rows with +-inf and NaN logits give exact zeros; a bad label gives a NaN row and NaN
+    sum; the rows around them are untouched; the normaliser (a device tensor) divides both outputs."""
+    g = torch.Generator().manual_seed(C)
+    rows = 3001
+    x, labels = inputs(rows, C, dtype, "labels", g)
+    ignored = (labels == -1).nonzero().flatten()[:3]
+    x[ignored[0]] = float("inf")
+    x[ignored[1]] = float("-inf")
+    x[ignored[2], ::2] = float("nan")
+    bad = torch.tensor([rows // 2, rows // 2 + 1, rows - 1])
+    labels[bad] = torch.tensor([C + 1, -7, 2**40])
+    good = torch.ones(rows, dtype=torch.bool)
+    good[bad] = False
+    clean = labels.clone()
+    clean[bad] = C
+    x_clean = torch.where((labels == -1)[:, None], torch.zeros_like(x), x)
+    ref_loss, ref_grad = cpu_op(x_clean, clean)
+    divisor = torch.tensor(8.0)
+    loss, grad, chosen = emu.forward(x, labels, None, 0.25, 2.0, -1, False, True, 1.0, divisor, 2)
+    assert chosen == expected_kernel(dtype, C, True, False)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
+    assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
+    torch.testing.assert_close(loss[good].double(), ref_loss[good].double() / 8, **close(dtype))
+    torch.testing.assert_close(grad[good].double(), ref_grad[good].double() / 8, **close(dtype))
+    total, _, _ = emu.forward(x, labels, None, 0.25, 2.0, -1, True, False, 1.0, None, 2)
+    assert torch.isnan(total)
+    total, _, _ = emu.forward(x, clean, None, 0.25, 2.0, -1, True, False, 1.0, None, 2)
+    torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_misaligned_and_ignore_index_a_class(emu, dtype):
+    """Logits one element past a 16-byte boundary take the general kernel's scalar path; an
+    ignore_index that is also a class id ignores those rows."""
+    g = torch.Generator().manual_seed(5)
+    rows, C = 2001, 80
+    x, labels = inputs(rows, C, dtype, "labels", g)
+    shifted = torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(rows, C)
+    assert shifted.data_ptr() % 16 != 0
+    ref_loss, ref_grad = cpu_op(x, labels)
+    loss, grad, chosen = emu.forward(shifted, labels, None, 0.25, 2.0, -1, False, True, 1.0, None, 3)
+    assert chosen == "general"
+    torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
+    torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
+    labels = torch.where(labels == -1, C, labels)  # -1 is a bad label once ignore_index is 5
+    ref_loss, ref_grad = cpu_op(x, labels, ignore_index=5)
+    loss, grad, chosen = emu.forward(x, labels, None, 0.25, 2.0, 5, False, True, 1.0, None, 3)
+    assert chosen == "label_rows" and (labels == 5).any() and torch.all(loss[labels == 5] == 0)
+    torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
+    torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
