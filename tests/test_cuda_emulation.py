@@ -47,9 +47,29 @@ PACK = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 
 
 def expected_kernel(dtype, C, labels, weighted, aligned=True):
-    if not labels or weighted or not aligned or C < PACK[dtype]:
+    if not labels or weighted in ("class", "element") or not aligned or C < PACK[dtype]:
         return "general"
-    return "label_rows" if C % PACK[dtype] == 0 else "label_rows_cross"
+    name = "label_rows" if C % PACK[dtype] == 0 else "label_rows_cross"
+    return name + "_w" if weighted == "row" else name
+
+
+def make_weight(weighted, rows, C, g):
+    """None; per class [C]; per row [rows, 1] constant over runs of 7 rows (as per-image weights
+    are), some runs and single rows zero; or per element [rows, C]."""
+    if weighted == "class":
+        w = torch.rand(C, generator=g) + 0.5
+        w[1 % C] = 0.0  # a zero weight gives exact zeros
+        return w
+    if weighted == "row":
+        w = (torch.rand(rows // 7 + 1, generator=g) + 0.5).repeat_interleave(7)[:rows]
+        w[torch.rand(rows, generator=g) < 0.05] = 0.0
+        w[14:21] = 0.0
+        return w[:, None].contiguous()
+    if weighted == "element":
+        w = torch.rand(rows, C, generator=g) + 0.5
+        w[torch.rand(rows, C, generator=g) < 0.05] = 0.0
+        return w
+    return None
 
 
 def inputs(rows, C, dtype, kind, g):
@@ -85,15 +105,13 @@ def sum_rtol(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C", [1, 3, 8, 9, 80, 91])
 @pytest.mark.parametrize("kind", ["labels", "labels32", "dense"])
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", ["none", "class", "row", "element"])
 @pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.5, -1.0)])
 def test_emulated_kernels_match_cpu_op(emu, dtype, C, kind, weighted, gamma, alpha):
     g = torch.Generator().manual_seed(C * 7 + len(kind))
     rows = 20_000 // C + 3  # not a multiple of anything: ragged last steps, a scalar tail for odd C
     x, t = inputs(rows, C, dtype, kind, g)
-    w = torch.rand(C, generator=g) + 0.5 if weighted else None
-    if w is not None:
-        w[1 % C] = 0.0  # a zero weight gives exact zeros
+    w = make_weight(weighted, rows, C, g)
     ref_loss, ref_grad = cpu_op(x, t, weight=w, gamma=gamma, alpha=alpha)
     for grid in (1, 3):
         loss, grad, chosen = emu.forward(x, t, w, alpha, gamma, -1, False, True, 1.0, None, grid)
@@ -106,9 +124,11 @@ def test_emulated_kernels_match_cpu_op(emu, dtype, C, kind, weighted, gamma, alp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [8, 80, 91, 9])
-def test_emulated_ignored_rows_and_bad_labels(emu, dtype, C):
+@pytest.mark.parametrize("weighted", ["none", "row"])
+def test_emulated_ignored_rows_and_bad_labels(emu, dtype, C, weighted):
     """Ignored rows with +-inf and NaN logits give exact zeros; a bad label gives a NaN row and NaN
-    sum; the rows around them are untouched; the normaliser (a device tensor) divides both outputs."""
+    sum, also where its weight is 0; the rows around them are untouched; the normaliser (a device
+    tensor) divides both outputs."""
     g = torch.Generator().manual_seed(C)
     rows = 3001
     x, labels = inputs(rows, C, dtype, "labels", g)
@@ -118,22 +138,31 @@ def test_emulated_ignored_rows_and_bad_labels(emu, dtype, C):
     x[ignored[2], ::2] = float("nan")
     bad = torch.tensor([rows // 2, rows // 2 + 1, rows - 1])
     labels[bad] = torch.tensor([C + 1, -7, 2**40])
+    w = make_weight(weighted, rows, C, g)
+    zero_w = torch.tensor([], dtype=torch.long)
+    if w is not None:
+        w[bad[0]] = 0.0
+        zero_w = ((w[:, 0] == 0) & (labels >= 0)).nonzero().flatten()[:2]  # counted rows, weight 0
+        x[zero_w[0]] = float("inf")  # a zero weight still gives exact zeros
+        x[zero_w[1], 1::2] = float("nan")
     good = torch.ones(rows, dtype=torch.bool)
     good[bad] = False
     clean = labels.clone()
     clean[bad] = C
     x_clean = torch.where((labels == -1)[:, None], torch.zeros_like(x), x)
-    ref_loss, ref_grad = cpu_op(x_clean, clean)
+    x_clean[zero_w] = 0.0
+    ref_loss, ref_grad = cpu_op(x_clean, clean, weight=w)
     divisor = torch.tensor(8.0)
-    loss, grad, chosen = emu.forward(x, labels, None, 0.25, 2.0, -1, False, True, 1.0, divisor, 2)
-    assert chosen == expected_kernel(dtype, C, True, False)
+    loss, grad, chosen = emu.forward(x, labels, w, 0.25, 2.0, -1, False, True, 1.0, divisor, 2)
+    assert chosen == expected_kernel(dtype, C, True, weighted)
     assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
     assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
+    assert torch.all(loss[zero_w] == 0) and torch.all(grad[zero_w] == 0)
     torch.testing.assert_close(loss[good].double(), ref_loss[good].double() / 8, **close(dtype))
     torch.testing.assert_close(grad[good].double(), ref_grad[good].double() / 8, **close(dtype))
-    total, _, _ = emu.forward(x, labels, None, 0.25, 2.0, -1, True, False, 1.0, None, 2)
+    total, _, _ = emu.forward(x, labels, w, 0.25, 2.0, -1, True, False, 1.0, None, 2)
     assert torch.isnan(total)
-    total, _, _ = emu.forward(x, clean, None, 0.25, 2.0, -1, True, False, 1.0, None, 2)
+    total, _, _ = emu.forward(x, clean, w, 0.25, 2.0, -1, True, False, 1.0, None, 2)
     torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
 
 

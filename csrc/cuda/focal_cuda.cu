@@ -404,15 +404,18 @@ __global__ void __launch_bounds__(kThreads)
   write_block_partial(p, sum, partials);
 }
 
-// The packs of one step of the label-rows kernel: logits, the label of the row
-// each pack starts in and, where it runs into the next row, that row's label,
-// and the pack's first column.
+// The packs of one step of the label-rows kernel: logits, the label (and, with
+// per-row weights, the weight) of the row each pack starts in and, where it
+// runs into the next row, that row's, and the pack's first column.
 template <class scalar_t, class target_t, int kUnroll>
 struct RowStep {
   static constexpr int kVec = 16 / sizeof(scalar_t);
+  using acc_t = acc_type<scalar_t>;
   Pack<scalar_t, kVec> x[kUnroll];
   target_t label[kUnroll];
   target_t next_label[kUnroll];
+  acc_t w[kUnroll];
+  acc_t next_w[kUnroll];
   int col[kUnroll];
 };
 
@@ -437,11 +440,13 @@ struct RowCursor {
 // Issues the loads of kUnroll packs from the cursor on (those below npacks),
 // moving it past them. kCross (C not a multiple of the pack): a pack that runs
 // into the next row (C >= kVec: into one row at most) also loads that row's
-// label; the row exists, as the pack lies inside the tensor.
-template <bool kCross, class scalar_t, class target_t, int kUnroll>
+// label; the row exists, as the pack lies inside the tensor. kRowWeight: each
+// row's weight too, at wd[r * w_rs].
+template <bool kCross, bool kRowWeight, class scalar_t, class target_t, int kUnroll, class acc_t>
 __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnroll>& s, const scalar_t* __restrict__ x,
-                                              const target_t* __restrict__ t, RowCursor& at, int64_t npacks,
-                                              int64_t step, int64_t dr, int dc, int cols) {
+                                              const target_t* __restrict__ t, const acc_t* __restrict__ wd,
+                                              int64_t w_rs, RowCursor& at, int64_t npacks, int64_t step, int64_t dr,
+                                              int dc, int cols) {
   constexpr int kVec = RowStep<scalar_t, target_t, kUnroll>::kVec;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -449,7 +454,11 @@ __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnrol
     if (at.v < npacks) {
       s.x[u] = load_pack<scalar_t, kVec>(x + at.v * kVec);
       s.label[u] = t[at.r];
-      if (kCross && at.c + kVec > cols) s.next_label[u] = t[at.r + 1];
+      if (kRowWeight) s.w[u] = wd[at.r * w_rs];
+      if (kCross && at.c + kVec > cols) {
+        s.next_label[u] = t[at.r + 1];
+        if (kRowWeight) s.next_w[u] = wd[(at.r + 1) * w_rs];
+      }
     }
     at.next(step, dr, dc, cols);
   }
@@ -458,18 +467,23 @@ __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnrol
 // Loss and gradient of one pack of the label-rows kernel whose first element is
 // column c of a row with label row.cls; if the pack runs into the next row
 // (c + kVec > C), its elements from j = C - c on belong to the row with
-// `next_label`. Returns a factor the caller applies to the whole pack (its sum
-// and both outputs):
-//  * both rows count and neither row's class lies in the pack (almost every
-//    pack): the all-negative math, no selects on the target, and alpha_neg
-//    left to that factor;
-//  * otherwise (the pack holds a class, or an ignored row or a bad label
-//    meets a counted row in it), element by element as the general kernel.
-// A pack inside one ignored or bad row never gets here: the kernel fills it.
-template <int GK, bool kCross, int kVec, class scalar_t, class target_t, class acc_t>
+// `next_label`. kRowWeight: w and next_w are those rows' weights. Returns a
+// factor the caller applies to the whole pack (its sum and both outputs):
+//  * both rows count, with one nonzero weight, and neither row's class lies in
+//    the pack (almost every pack): the all-negative math, no selects on the
+//    target, and alpha_neg (times the weight) left to that factor;
+//  * a pack in one row that holds its class: compared column by column, the
+//    weight left to the factor;
+//  * otherwise (a pack that runs into the next row and holds a class, or meets
+//    an ignored row, a bad label or another weight there), element by element
+//    as the general kernel.
+// A pack inside one ignored row, bad label or zero-weight row never gets here:
+// the kernel fills it.
+template <int GK, bool kCross, bool kRowWeight, int kVec, class scalar_t, class target_t, class acc_t>
 __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeffs<acc_t>& k,
                                           const Pack<scalar_t, kVec>& xv, const LabelRow<acc_t>& row, target_t next_label,
-                                          int c, int cols, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+                                          acc_t w, acc_t next_w, int c, int cols, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+  const acc_t wf = kRowWeight ? w : acc_t(1);  // the pack's weight where it lies in one row
   if constexpr (!kCross) {  // C a multiple of the pack: one row, and it counts (the kernel filled the others)
     const int64_t rel = row.cls - c;  // the class's place in this pack, if it is in it
     if (rel < 0 || rel >= kVec) {
@@ -477,41 +491,46 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
       for (int j = 0; j < kVec; ++j) {
         focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
       }
-      return k.alpha_neg;
+      return k.alpha_neg * wf;
     }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YMask<acc_t, acc_t>{j == rel}, k, l[j], g[j]);
     }
-    return acc_t(1);
+    return wf;
   }
   const bool cross = c + kVec > cols;
   const int split = cross ? cols - c : kVec;  // elements of the first row
   const LabelRow<acc_t> row2 = cross ? label_row<acc_t>(p, next_label) : row;
+  const acc_t w2 = kRowWeight && cross ? next_w : wf;
   // The first row's class is in the pack if rel is in [0, split) (background, C, lands on split); the
   // second row's if rel2 < kVec (background gives split + C > kVec). A dropped row (cls -1) matters not:
   // its pack is not all-negative, and no column j matches.
   const int64_t rel = row.cls - c;
   const int64_t rel2 = split + row2.cls;
-  const bool negative = row.valid && row2.valid && !(rel >= 0 && rel < split) && !(cross && rel2 < kVec);
+  const bool weights_ok = !kRowWeight || (wf != acc_t(0) && w2 == wf);  // one nonzero weight over the pack
+  const bool negative =
+      row.valid && row2.valid && weights_ok && !(rel >= 0 && rel < split) && !(cross && rel2 < kVec);
   if (negative) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
     }
-    return k.alpha_neg;
+    return k.alpha_neg * wf;
   }
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const bool second = j >= split;
-    label_element<GK, false>(k, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel, second ? row2 : row,
-                             acc_t(1), l[j], g[j]);
+    label_element<GK, kRowWeight>(k, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel, second ? row2 : row,
+                                  second ? w2 : wf, l[j], g[j]);
   }
   return acc_t(1);
 }
 
-// The hot path, as its own kernel: class labels, no weight, C >= the pack (and
-// below 2^30), contiguous 16-byte-aligned tensors, 16/32-bit logits. Without
+// The hot path, as its own kernel: class labels, no weight or one weight per
+// row (kRowWeight: per anchor, as mmdet and the torchvision patch pass them),
+// C >= the pack (and below 2^30), contiguous 16-byte-aligned tensors,
+// 16/32-bit logits. Without
 // the general kernel's other paths it needs far fewer registers (more warps
 // per SM), and it loads each step's packs one step ahead, so a thread's next
 // loads are in flight while it computes (a load issued in the same step gets
@@ -520,8 +539,16 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
 // without math; others go through row_pack. The last n % kVec elements (C not
 // a multiple of the pack) take a scalar loop. kCross: C is not a multiple of
 // the pack (a separate instantiation, so that C = 80 does not pay its registers).
-template <class scalar_t, class target_t, int GK, int kUnroll, bool kCross>
-__global__ void __launch_bounds__(kThreads)
+// Blocks of 256 per SM asked of ptxas (a register cap of 64K / 256 / blocks).
+// Without it ptxas picked 48 registers for the plain bfloat16 kernel but 95 for
+// float32 with row crossing and row weights; with a cap it fills the cap, so
+// each is set to the occupancy its natural count allows (5 blocks: 48, 4: 64,
+// 3: 80 registers).
+template <class scalar_t, bool kCross, bool kRowWeight>
+constexpr int kRowMinBlocks = sizeof(scalar_t) == 2 ? (!kCross && !kRowWeight ? 5 : 4) : (kCross ? 3 : 4);
+
+template <class scalar_t, class target_t, int GK, int kUnroll, bool kCross, bool kRowWeight>
+__global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRowWeight>))
     focal_label_rows_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool,
                             double* __restrict__ partials) {
   static_assert(std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>);
@@ -542,27 +569,31 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t dr = step * kVec / cols;
   const int dc = static_cast<int>(step * kVec - dr * cols);
   RowCursor at{tid, tid * kVec / cols, static_cast<int>(tid * kVec % cols)};
+  const acc_t* __restrict__ wd = static_cast<const acc_t*>(p.weight.data);
+  const int64_t w_rs = p.weight.row_strides[0];
 
   double sum = 0.0;
   Step cur;
-  load_row_step<kCross>(cur, x, t, at, npacks, step, dr, dc, cols);
+  load_row_step<kCross, kRowWeight>(cur, x, t, wd, w_rs, at, npacks, step, dr, dc, cols);
   for (int64_t v = tid; v < npacks; v += kUnroll * step) {
     Step next;
-    load_row_step<kCross>(next, x, t, at, npacks, step, dr, dc, cols);
+    load_row_step<kCross, kRowWeight>(next, x, t, wd, w_rs, at, npacks, step, dr, dc, cols);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (v + u * step >= npacks) break;
       const int64_t i0 = (v + u * step) * kVec;
       const LabelRow<acc_t> row = label_row<acc_t>(p, cur.label[u]);
       acc_t l[kVec], g[kVec];
-      if (!row.valid && (!kCross || cur.col[u] + kVec <= cols)) {
+      const bool dropped = !row.valid || (kRowWeight && cur.w[u] == acc_t(0));  // (then row.dropped: 0 or NaN)
+      if (dropped && (!kCross || cur.col[u] + kVec <= cols)) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) l[j] = g[j] = row.dropped;
         sum += static_cast<double>(row.dropped);  // 0, or NaN
         store_outputs<kVec, scalar_t>(grad, loss, i0, l, g, f.loss, f.grad);
         continue;
       }
-      const acc_t a = row_pack<GK, kCross>(p, k, cur.x[u], row, cur.next_label[u], cur.col[u], cols, l, g);
+      const acc_t a = row_pack<GK, kCross, kRowWeight>(p, k, cur.x[u], row, cur.next_label[u], cur.w[u],
+                                                       cur.next_w[u], cur.col[u], cols, l, g);
       acc_t pack_sum = l[0];
 #pragma unroll
       for (int j = 1; j < kVec; ++j) pack_sum += l[j];
@@ -574,7 +605,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = npacks * kVec + tid; kCross && i < n; i += step) {  // fewer than kVec elements
     const int64_t r = i / cols;
     acc_t l, g;
-    element<GK>(p, k, static_cast<acc_t>(x[i]), t[r], i - r * cols, acc_t(1), l, g);
+    element<GK>(p, k, static_cast<acc_t>(x[i]), t[r], i - r * cols, kRowWeight ? wd[r * w_rs] : acc_t(1), l, g);
     sum += static_cast<double>(l);
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * f.grad);
     if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * f.loss);
@@ -731,10 +762,16 @@ ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
                             (std::is_integral_v<target_t> || aligned16(p.target.data)) && aligned16(p.grad) &&
                             aligned16(p.loss);
     if constexpr (std::is_integral_v<target_t>) {
-      if (vectorized && p.cols >= kVec && p.cols < (int64_t(1) << 30) && p.weight.data == nullptr) {
+      const bool row_weight = p.weight.data != nullptr && p.weight.col_stride == 0;  // one weight per row
+      if (vectorized && p.cols >= kVec && p.cols < (int64_t(1) << 30) && (p.weight.data == nullptr || row_weight)) {
         constexpr int kU = kRowUnrollPacks<scalar_t>;
-        if (p.cols % kVec == 0) return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, false>, true};
-        return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, true>, true};
+        const bool cross = p.cols % kVec != 0;
+        if (row_weight) {
+          if (cross) return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, true, true>, true};
+          return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, false, true>, true};
+        }
+        if (cross) return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, true, false>, true};
+        return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, false, false>, true};
       }
     }
     return {focal_forward_kernel<scalar_t, target_t, GK, kUnrollPacks<scalar_t>>, vectorized};

@@ -81,10 +81,11 @@ ScalarKind kind_of(const at::Tensor& t) {
 
 // Forward of the fused op on contiguous [rows, C] logits, with label targets
 // [rows] or dense targets [rows, C], an optional weight [C] or [rows, C] and an
-// optional 0-d divisor, on a grid of `grid` blocks. The tensors may start at
+// optional 0-d divisor, on a grid of `grid` blocks. Weights: [C], [rows, 1] or [rows, C]. The tensors may start at
 // any element (the vector path needs 16-byte alignment). Returns the loss
 // (elementwise, or the scaled sum), the gradient (or an empty tensor) and the
-// kernel the launch chose: "label_rows", "label_rows_cross" or "general".
+// kernel the launch chose: "label_rows", "label_rows_cross" (and "_w" with
+// per-row weights) or "general".
 std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input, at::Tensor targets,
                                                                  std::optional<at::Tensor> weight, double alpha, double gamma,
                                                          int64_t ignore_index, bool sum, bool want_grad, double scale,
@@ -99,8 +100,15 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input
   p.input = {input.data_ptr(), kind_of(input), 1, {p.cols}};
   p.target = {targets.data_ptr(), kind_of(targets), labels ? 0 : 1, {labels ? 1 : p.cols}};
   if (weight) {
-    TORCH_CHECK(weight->is_contiguous() && (weight->dim() == 1 || weight->dim() == 2), "emulate: weight [C] or [rows, C]");
-    p.weight = {weight->data_ptr(), kind_of(*weight), 1, {weight->dim() == 1 ? 0 : p.cols}};
+    TORCH_CHECK(weight->is_contiguous() && (weight->dim() == 1 || weight->dim() == 2),
+                "emulate: weight [C], [rows, 1] or [rows, C]");
+    if (weight->dim() == 1) {
+      p.weight = {weight->data_ptr(), kind_of(*weight), 1, {0}};  // per class
+    } else if (weight->size(1) == 1) {
+      p.weight = {weight->data_ptr(), kind_of(*weight), 0, {1}};  // per row
+    } else {
+      p.weight = {weight->data_ptr(), kind_of(*weight), 1, {p.cols}};  // per element
+    }
   }
   p.labels = labels;
   p.num_classes = p.cols;
@@ -123,8 +131,10 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input
     const ForwardLaunch<scalar_t> l = forward_launch<scalar_t, target_t, GK>(p);
     if constexpr (std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>) {
       constexpr int kU = kRowUnrollPacks<scalar_t>;
-      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, GK, kU, false>) chosen = "label_rows";
-      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, GK, kU, true>) chosen = "label_rows_cross";
+      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, GK, kU, false, false>) chosen = "label_rows";
+      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, GK, kU, true, false>) chosen = "label_rows_cross";
+      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, GK, kU, false, true>) chosen = "label_rows_w";
+      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, GK, kU, true, true>) chosen = "label_rows_cross_w";
     }
     launch(l.kernel, grid, p, make_consts<acc_type<scalar_t>>(p), l.vectorized, partials.data());
     if (sum) {
