@@ -237,3 +237,36 @@ def test_label_rows_kernel(dtype, C, rows, label_dtype, gamma, alpha):
     assert_close64(mean_loss, ref_mean, rtol=max(tol, 1e-6), atol=0)
     slack = tol * ref_mgrad.abs().max().item() + sub
     torch.testing.assert_close(mean_grad.double().cpu(), ref_mgrad.cpu(), rtol=tol, atol=slack)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,rows", [(80, 20_011), (91, 16_001)])
+def test_label_rows_kernel_row_weights(dtype, C, rows):
+    """Per-row weights (as the integrations pass them: per image, so equal over runs of rows, some
+    zero, one zero row holding infinite logits) in the label-rows kernel, against the float64
+    reference and against the general kernel fed the same weights per element."""
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(rows, C, generator=g) * 4
+    labels = torch.randint(0, C + 1, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.1] = -1
+    w = (torch.rand(rows // 7 + 1, generator=g) + 0.5).repeat_interleave(7)[:rows]
+    w[torch.rand(rows, generator=g) < 0.05] = 0.0
+    zero = ((w == 0) & (labels >= 0)).nonzero().flatten()[0]
+    x[zero] = float("inf")
+    x, labels, w = x.to("cuda", dtype), labels.to("cuda"), w.to("cuda")[:, None].contiguous()
+    loss, grad = fused_loss_and_grad(x, labels, reduction="none", weight=w)
+    assert torch.all(loss[zero] == 0) and torch.all(grad[zero] == 0)
+    x_ref = x.clone()
+    x_ref[zero] = 0.0
+    ref_loss, ref_grad = reference_loss_and_grad(x_ref, labels, reduction="none", weight=w)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+    assert_close64(loss, ref_loss, rtol=tol, atol=tol)
+    assert_close64(grad, ref_grad, rtol=tol, atol=tol)
+    per_element = w.expand(rows, C).contiguous()  # the general kernel
+    e_loss, e_grad = fused_loss_and_grad(x, labels, reduction="none", weight=per_element)
+    close = dict(rtol=4 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
+    torch.testing.assert_close(loss.double(), e_loss.double(), **close)
+    torch.testing.assert_close(grad.double(), e_grad.double(), **close)
+    total, _ = fused_loss_and_grad(x, labels, reduction="sum", weight=w, normalizer=100.0)
+    ref_total, _ = reference_loss_and_grad(x_ref, labels, reduction="sum", weight=w, normalizer=100.0)
+    assert_close64(total, ref_total, rtol=max(tol, 1e-6), atol=0)
