@@ -464,6 +464,17 @@ __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnrol
   }
 }
 
+// A pack with y = 0 everywhere: no selects on the target, and alpha_neg left to
+// the caller.
+template <int GK, int kVec, class scalar_t, class acc_t>
+__device__ __forceinline__ void all_negative_pack(const FocalCoeffs<acc_t>& k, const Pack<scalar_t, kVec>& xv,
+                                                  acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
+  }
+}
+
 // Loss and gradient of one pack of the label-rows kernel whose first element is
 // column c of a row with label row.cls; if the pack runs into the next row
 // (c + kVec > C), its elements from j = C - c on belong to the row with
@@ -487,10 +498,7 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
   if constexpr (!kCross) {  // C a multiple of the pack: one row, and it counts (the kernel filled the others)
     const int64_t rel = row.cls - c;  // the class's place in this pack, if it is in it
     if (rel < 0 || rel >= kVec) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
-      }
+      all_negative_pack<GK>(k, xv, l, g);
       return k.alpha_neg * wf;
     }
 #pragma unroll
@@ -512,10 +520,7 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
   const bool negative =
       row.valid && row2.valid && weights_ok && !(rel >= 0 && rel < split) && !(cross && rel2 < kVec);
   if (negative) {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
-    }
+    all_negative_pack<GK>(k, xv, l, g);
     return k.alpha_neg * wf;
   }
 #pragma unroll
