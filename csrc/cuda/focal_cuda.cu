@@ -77,11 +77,11 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
   *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 
+// scale / *divisor (the normaliser, read on the device), or scale.
 template <class acc_t>
-__device__ __forceinline__ acc_t load_factor(const FocalParams& p) {
-  acc_t f = static_cast<acc_t>(p.scale);
-  if (p.divisor != nullptr) f = f / *static_cast<const acc_t*>(p.divisor);
-  return f;
+__device__ __forceinline__ acc_t load_factor(const FocalParams& p, acc_t scale) {
+  if (p.divisor != nullptr) scale = scale / *static_cast<const acc_t*>(p.divisor);
+  return scale;
 }
 
 // Loss and d loss / dx of one element, weight applied (not the factor).
@@ -322,8 +322,7 @@ struct OutputFactors {
 
 template <class acc_t>
 __device__ __forceinline__ OutputFactors<acc_t> output_factors(const FocalParams& p, const KernelConsts<acc_t>& kc) {
-  acc_t factor = kc.scale;
-  if (p.divisor != nullptr) factor = factor / *static_cast<const acc_t*>(p.divisor);
+  const acc_t factor = load_factor<acc_t>(p, kc.scale);
   return {factor, kc.grad_prescale > acc_t(0) ? kc.grad_prescale : factor};
 }
 
@@ -629,7 +628,9 @@ __global__ void __launch_bounds__(kThreads) focal_finalize_kernel(const FocalPar
   using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
   const double total = BlockReduce(storage).Sum(s);
-  if (threadIdx.x == 0) *out = static_cast<scalar_t>(static_cast<acc_t>(total) * load_factor<acc_t>(p));
+  if (threadIdx.x == 0) {
+    *out = static_cast<scalar_t>(static_cast<acc_t>(total) * load_factor<acc_t>(p, static_cast<acc_t>(p.scale)));
+  }
 }
 
 // grad *= grad_output unless grad_output is exactly 1 (then no pass over memory).
