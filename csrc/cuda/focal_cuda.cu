@@ -531,26 +531,26 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
   return acc_t(1);
 }
 
-// The hot path, as its own kernel: class labels, no weight or one weight per
-// row (kRowWeight: per anchor, as mmdet and the torchvision patch pass them),
-// C >= the pack (and below 2^30), contiguous 16-byte-aligned tensors,
-// 16/32-bit logits. Without
-// the general kernel's other paths it needs far fewer registers (more warps
-// per SM), and it loads each step's packs one step ahead, so a thread's next
-// loads are in flight while it computes (a load issued in the same step gets
-// sunk by ptxas behind the label's compare, into the branch that uses it).
-// A pack inside one ignored row or bad label is filled with LabelRow::dropped
-// without math; others go through row_pack. The last n % kVec elements (C not
-// a multiple of the pack) take a scalar loop. kCross: C is not a multiple of
-// the pack (a separate instantiation, so that C = 80 does not pay its registers).
-// Blocks of 256 per SM asked of ptxas (a register cap of 64K / 256 / blocks).
-// Without it ptxas picked 48 registers for the plain bfloat16 kernel but 95 for
-// float32 with row crossing and row weights; with a cap it fills the cap, so
-// each is set to the occupancy its natural count allows (5 blocks: 48, 4: 64,
-// 3: 80 registers).
+// Blocks of 256 per SM asked of ptxas for the label-rows kernel (a register cap
+// of 64K / 256 / blocks). Without it ptxas picked 48 registers for the plain
+// bfloat16 kernel but 95 for float32 with row crossing and row weights; with a
+// cap it fills the cap, so each is set to the occupancy its natural count
+// allows (5 blocks: 48, 4: 64, 3: 80 registers).
 template <class scalar_t, bool kCross, bool kRowWeight>
 constexpr int kRowMinBlocks = sizeof(scalar_t) == 2 ? (!kCross && !kRowWeight ? 5 : 4) : (kCross ? 3 : 4);
 
+// The hot path, as its own kernel: class labels, no weight or one weight per
+// row (kRowWeight: per anchor, as mmdet and the torchvision patch pass them),
+// C >= the pack (and below 2^30), contiguous 16-byte-aligned tensors,
+// 16/32-bit logits. Without the general kernel's other paths it needs far
+// fewer registers (more warps per SM), and it loads each step's packs one step
+// ahead, so a thread's next loads are in flight while it computes (a load
+// issued in the same step gets sunk by ptxas behind the label's compare, into
+// the branch that uses it). A pack inside one ignored row, bad label or
+// zero-weight row is filled with LabelRow::dropped without math; others go
+// through row_pack. kCross: C is not a multiple of the pack (a separate
+// instantiation, so that C = 80 does not pay its registers); the last
+// n % kVec elements then take a scalar loop.
 template <class scalar_t, class target_t, int GK, int kUnroll, bool kCross, bool kRowWeight>
 __global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRowWeight>))
     focal_label_rows_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool,
