@@ -368,10 +368,9 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t npacks = n / kVec;
       vector_end = npacks * kVec;
       const bool has_weight = p.weight.data != nullptr;
+      // (Unweighted labels with C a multiple of the pack run in the label-rows kernel.)
       const bool one_row = kLabels && cols % kVec == 0;
-      if (one_row && !has_weight) {
-        sum = vector_loop<GK, false, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
-      } else if (one_row) {
+      if (one_row && has_weight) {
         sum = vector_loop<GK, true, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
       } else if (!has_weight) {
         sum = vector_loop<GK, false, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
