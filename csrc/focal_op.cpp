@@ -112,12 +112,27 @@ void check_inputs(const at::Tensor& input, const at::Tensor& targets, const std:
 }
 
 // Raises ValueError naming the first label outside [0, C] that is not ignore_index.
-void check_labels_cpu(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index) {
-  if (labels.numel() == 0) return;
-  const at::Tensor bad = ((labels < 0) | (labels > num_classes)) & (labels != ignore_index);
-  if (!bad.any().item<bool>()) return;
-  const int64_t pos = bad.reshape(-1).nonzero().index({0, 0}).item<int64_t>();
-  const int64_t value = labels.reshape(-1)[pos].item<int64_t>();
+// One pass over the labels (five ATen ops, as this was first written, cost ~20 us
+// on a tiny input and 0.7 ms on 200k labels; this loop costs a fraction of that).
+template <class T>
+int64_t first_bad_label(const T* p, int64_t n, int64_t num_classes, int64_t ignore_index) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = static_cast<int64_t>(p[i]);
+    if ((v < 0 || v > num_classes) && v != ignore_index) return i;
+  }
+  return -1;
+}
+
+void check_labels_cpu(const at::Tensor& labels_, int64_t num_classes, int64_t ignore_index) {
+  if (labels_.numel() == 0) return;
+  const at::Tensor labels = labels_.contiguous();  // (a copy only for strided labels)
+  const int64_t n = labels.numel();
+  const int64_t pos = labels.scalar_type() == at::kInt
+                          ? first_bad_label(labels.const_data_ptr<int32_t>(), n, num_classes, ignore_index)
+                          : first_bad_label(labels.const_data_ptr<int64_t>(), n, num_classes, ignore_index);
+  if (pos < 0) return;
+  const int64_t value = labels.scalar_type() == at::kInt ? labels.const_data_ptr<int32_t>()[pos]
+                                                         : labels.const_data_ptr<int64_t>()[pos];
   TORCH_CHECK_VALUE(false, "focal_cuda: targets holds class index ", value, " at flat position ", pos,
                     "; expected 0..", num_classes - 1, " (a class), ", num_classes,
                     " (background) or ignore_index=", ignore_index);

@@ -43,6 +43,17 @@ def _shape(t) -> str:
     return str(tuple(t.shape))
 
 
+def _is_real(v) -> bool:
+    """A real number that is not a bool (float and int first: an ABC check costs a few us a call)."""
+    t = type(v)
+    return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
+
+
+def _is_int(v) -> bool:
+    t = type(v)
+    return t is int or (t is not bool and isinstance(v, numbers.Integral))
+
+
 def check(
     inputs,
     targets,
@@ -92,11 +103,11 @@ def check(
 
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of 'none', 'mean', 'sum', got {reduction!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma < 0:
+    if not _is_real(gamma) or not math.isfinite(gamma) or gamma < 0:
         raise ValueError(f"gamma: expected a finite real number >= 0, got {gamma!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+    if not _is_real(alpha) or not math.isfinite(alpha):
         raise ValueError(f"alpha: expected a finite real number (alpha < 0 disables alpha weighting), got {alpha!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not _is_int(ignore_index):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
 
     if weight is not None:
@@ -155,8 +166,10 @@ def _normalizer(normalizer: Union[float, torch.Tensor], inputs: torch.Tensor, ac
             raise TypeError(f"normalizer: expected a real number tensor, got dtype {normalizer.dtype}")
         if normalizer.requires_grad:
             normalizer = normalizer.detach()
+        if normalizer.dim() == 0 and normalizer.dtype == acc:  # (reshape and to() would return it as it is)
+            return normalizer, 1.0
         return normalizer.reshape(()).to(acc), 1.0
-    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+    if not _is_real(normalizer):
         raise TypeError(f"normalizer: expected a number or a 1-element tensor, got {type(normalizer).__name__}")
     if not math.isfinite(normalizer) or normalizer == 0:
         raise ValueError(f"normalizer: expected a finite non-zero number, got {normalizer!r}")

@@ -53,6 +53,14 @@ CASES = {
                      r"targets.*requires grad.*detach"),
     "ignore_index float": (lambda d: (_x(d), torch.zeros(4, dtype=torch.long, device=d)), {"ignore_index": 1.5},
                            TypeError, r"ignore_index"),
+    # bool is an int to Python, never a loss option here
+    "gamma bool": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"gamma": True}, ValueError, r"gamma.*True"),
+    "alpha bool": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"alpha": False}, ValueError, r"alpha.*False"),
+    "gamma str": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"gamma": "2"}, ValueError, r"gamma.*'2'"),
+    "ignore_index bool": (lambda d: (_x(d), torch.zeros(4, dtype=torch.long, device=d)), {"ignore_index": True},
+                          TypeError, r"ignore_index.*bool"),
+    "normalizer bool": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"reduction": "sum", "normalizer": True},
+                        TypeError, r"normalizer.*bool"),
 }
 
 
@@ -78,6 +86,21 @@ def test_bad_labels_on_cpu_name_the_value(bad):
     # the raw op checks too
     with pytest.raises(ValueError, match=rf"class index {bad}"):
         focal_cuda.ops.fwd_op(x, labels, None, None, 1.0, 0.25, 2.0, 0, -1, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_bad_label_in_strided_labels_is_found_at_its_logical_position(dtype):
+    x = torch.randn(3, 4, 5)
+    base = torch.zeros(4, 3, dtype=dtype)
+    base[2, 1] = 9  # labels = base.t(): row 1, column 2 -> flat position 1 * 4 + 2 = 6
+    base[3, 2] = -1  # ignore_index: fine
+    labels = base.t()
+    assert not labels.is_contiguous()
+    with pytest.raises(ValueError, match=r"class index 9 at flat position 6"):
+        fl(x, labels)
+    labels_ok = labels.clone()
+    labels_ok[1, 2] = 5  # background
+    fl(x, labels_ok)
 
 
 def test_devices_that_differ():
@@ -114,3 +137,17 @@ def test_module_weight_conflict():
     m = focal_cuda.SigmoidFocalLoss(class_weight=torch.ones(5))
     with pytest.raises(ValueError, match="class_weight"):
         m(torch.randn(4, 5), torch.zeros(4, 5), weight=torch.ones(5))
+
+
+def test_numpy_and_fraction_options_are_accepted_like_floats():
+    """Real and integral numbers of other types (numpy scalars, Fraction) are options like any float/int."""
+    import fractions
+
+    import numpy as np
+
+    x = torch.randn(6, 5)
+    labels = torch.tensor([0, 5, 2, 7, 4, 1])
+    expected = fl(x, labels, alpha=0.25, gamma=2.0, reduction="sum", ignore_index=7, normalizer=3.0)
+    got = fl(x, labels, alpha=np.float32(0.25), gamma=fractions.Fraction(2), reduction="sum",
+             ignore_index=np.int64(7), normalizer=np.float64(3.0))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
