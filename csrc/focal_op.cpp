@@ -112,8 +112,8 @@ void check_inputs(const at::Tensor& input, const at::Tensor& targets, const std:
 }
 
 // Raises ValueError naming the first label outside [0, C] that is not ignore_index.
-// One pass over the labels (five ATen ops, as this was first written, cost ~20 us
-// on a tiny input and 0.7 ms on 200k labels; this loop costs a fraction of that).
+// One pass over the labels. (Five ATen ops, as this was first written, cost ~20 us
+// of a tiny input's 34 us call, and 0.7 ms on 200k labels, with their temporaries.)
 template <class T>
 int64_t first_bad_label(const T* p, int64_t n, int64_t num_classes, int64_t ignore_index) {
   for (int64_t i = 0; i < n; ++i) {
