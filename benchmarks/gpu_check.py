@@ -7,7 +7,7 @@ no virtual environment, no downloads. Steps, each logged to benchmarks/results/g
   1. build the extension in place for this GPU's architecture (CUDA build enforced);
   2. run the whole test suite (CPU and CUDA parametrisations), counting passed/failed/skipped;
   3. run compute-sanitizer (memcheck and racecheck) over a small CUDA test subset;
-  4. run the benchmark's --full sweep;
+  4. run the benchmark's --full sweep, then benchmarks/host_overhead.py (host time per call);
   (profile, only when named in --steps: Nsight Compute on the COCO batch-16 fp32 and bf16 kernels,
      key metrics into the report, the full text in gpu-check-logs/);
   5. write benchmarks/results/<date>-<gpu>.json (device, torch, cuda, commit, tests, sanitizer, bench)
@@ -180,6 +180,15 @@ def main(argv=None) -> int:
                                "complete": bool(bench.get("complete")) and rc == 0, "summary": summarize(bench)}
         else:
             report["bench"] = {"error": f"benchmark exited {rc} before its first case"}
+        # host time per call on a tiny input (what bounds small batches), about 20 s
+        host_json = os.path.join(LOGS, "host-overhead.json")
+        rc, dt, _ = run([sys.executable, "benchmarks/host_overhead.py", "--device", "cuda", "--json", host_json],
+                        "host-overhead.log", env, timeout=args.timeout)
+        if rc == 0 and os.path.exists(host_json):
+            with open(host_json) as f:
+                report["host_overhead_us"] = json.load(f)["us_per_call"]
+        else:
+            report["host_overhead_us"] = {"error": f"host_overhead.py exited {rc}"}
 
     ok = ("tests" in report and report["tests"]["failed"] == 0 and all(
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
@@ -280,6 +289,8 @@ def finish(report: dict, ok: bool) -> int:
         lines.append(f"ncu, COCO b16 {dtype} fused kernel: {v}")
     for row in report.get("bench", {}).get("summary", []):
         lines.append(f"- {row}")
+    if "host_overhead_us" in report:
+        lines.append(f"host time per call, 4x5 input (us): {report['host_overhead_us']}")
     lines.append(f"\nresult: {'PASS' if ok else 'FAIL'}")
     with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -145,3 +145,85 @@ def test_race_does_not_time_a_variant_whose_tests_fail(tmp_path, monkeypatch):
     assert report["complete"] is True and report["rounds"] == 2
     assert report["variants"][name] == {"build": "ok", "tests": "1 failed"}
     assert clock["tunes"] == {"main": 2}
+
+
+def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
+    """gpu_check.main on the CPU: every step it would run replaced by a fake that writes what the real
+    one writes (junit XML, sanitizer summaries, the benchmark's and host_overhead's JSON); the report
+    must count them, merge them, and pass or fail on them."""
+    import torch
+
+    results, logs = tmp_path / "results", tmp_path / "results" / "logs"
+    monkeypatch.setattr(gpu_check, "RESULTS", str(results))
+    monkeypatch.setattr(gpu_check, "LOGS", str(logs))
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: "/fake/compute-sanitizer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 80GB")
+    monkeypatch.setenv("FOCAL_CUDA_COMMIT", "abc1234")
+    ran = []
+    racecheck_errors = {"n": 0}
+    test_failures = {"n": 1}
+
+    def fake_run(cmd, log_name, env=None, timeout=None):
+        ran.append(log_name)
+        os.makedirs(logs, exist_ok=True)
+        path = os.path.join(logs, log_name)
+        text = ""
+        if log_name == "tests.log":
+            junit = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+            with open(junit, "w") as f:
+                f.write(f'<testsuites><testsuite tests="10" failures="{test_failures["n"]}" errors="0" '
+                        'skipped="2"/></testsuites>')
+        elif log_name.startswith("sanitizer-"):
+            n = racecheck_errors["n"] if "racecheck" in log_name else 0
+            text = f"========= ERROR SUMMARY: {n} errors\n"
+        elif log_name == "bench.log":
+            name = cmd[cmd.index("--name") + 1]
+            case = {"case": {"label": "coco b16"}, "copy": {"gbps": 3000.0},
+                    "variants": {"fused_labels": {"fwdbwd_ms": 0.8, "pct_copy": 85.0, "x_vs_best_compile": 2.1,
+                                                  "x_vs_eager_dense": 35.0}}}
+            with open(os.path.join(results, name + ".json"), "w") as f:
+                json.dump({"complete": True, "results": [case]}, f)
+        elif log_name == "host-overhead.log":
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump({"us_per_call": {"focal_cuda fwd+bwd": 120.0}}, f)
+        with open(path, "w") as f:
+            f.write(text)
+        return 0, 1.0, path
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    assert gpu_check.main([]) == 1  # one test failed
+    stem = gpu_check.report_stem({"date": __import__("datetime").date.today().isoformat(), "device": "Fake GPU 80GB"})
+    report = json.loads((results / f"{stem}.json").read_text())
+    assert ran == ["build.log", "tests.log", "sanitizer-memcheck.log", "sanitizer-racecheck.log", "bench.log",
+                   "host-overhead.log"]
+    assert report["commit"] == "abc1234" and report["device"] == "Fake GPU 80GB"
+    assert report["tests"]["passed"] == 7 and report["tests"]["failed"] == 1 and report["tests"]["skipped"] == 2
+    assert report["sanitizer"]["memcheck"]["errors"] == 0
+    assert report["bench"]["complete"] is True and report["bench"]["summary"][0]["pct_copy"] == 85.0
+    assert report["host_overhead_us"] == {"focal_cuda fwd+bwd": 120.0}
+    assert report["ok"] is False
+    assert "result: FAIL" in (results / f"{stem}.md").read_text()
+
+    # later calls with some steps only: merged into the same report
+    test_failures["n"] = 0
+    assert gpu_check.main(["--steps", "build,test"]) == 0  # the failure fixed; the sanitizer's results kept
+    report = json.loads((results / f"{stem}.json").read_text())
+    assert report["ok"] is True and report["tests"]["failed"] == 0
+    assert report["bench"]["summary"][0]["case"] == "coco b16"  # kept from the first call
+    racecheck_errors["n"] = 3
+    assert gpu_check.main(["--steps", "sanitize"]) == 1  # racecheck errors fail the check
+    report = json.loads((results / f"{stem}.json").read_text())
+    assert report["sanitizer"]["racecheck"]["errors"] == 3 and report["ok"] is False
+
+
+def test_host_overhead_script_runs_and_reports_every_case(tmp_path):
+    import host_overhead
+
+    out = tmp_path / "host.json"
+    assert host_overhead.main(["--device", "cpu", "--number", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["us_per_call"]
+    assert set(rows) == {"focal_cuda fwd+bwd", "focal_cuda fwd (no grad)", "argument checks",
+                         "torchvision formula fwd+bwd (eager)", "x.sum().backward() (autograd floor)"}
+    assert all(v > 0 for v in rows.values())
