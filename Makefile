@@ -6,6 +6,8 @@
 #                   and no network: build in place, test, benchmark, sanitize, write results
 #   make build      (re)build the extension in place (incremental)
 #   make test-emulation-asan  the CUDA kernels run on the CPU under AddressSanitizer
+#   make check-old-torch  every source compiled as C++17 against torch 2.11's headers (the GPU
+#                   machine's torch; downloads its wheel once, about 530 MB)
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV, and the build switches
 # FOCAL_CUDA_FORCE_CPU=1 / FOCAL_CUDA_REQUIRE_CUDA=1 / TORCH_CUDA_ARCH_LIST / CUDA_HOME.
@@ -18,7 +20,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 STAMP := focal_cuda/.built
 
-.PHONY: setup build test test-emulation-asan bench bench-full demo gpu-check clean
+.PHONY: setup build test test-emulation-asan check-old-torch bench bench-full demo gpu-check clean
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +43,10 @@ test: build
 test-emulation-asan: build
 	FOCAL_EMULATION_ASAN=1 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 		$(PY) -m pytest tests/test_cuda_emulation.py -q -s
+
+# torch before 2.13 builds extensions as C++17: a C++20-only construct must fail here, not there.
+check-old-torch: $(VENV)/.deps
+	PY=$(PY) .ci/check-old-torch
 
 bench: build
 	$(PY) benchmarks/bench_focal.py --auto

@@ -36,7 +36,7 @@ def emu():
     return cpp_extension.load(
         name="focal_cuda_emulation" + ("_asan" if asan else ""),
         sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emulate.cpp")],
-        extra_cflags=["-O1", "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags],
+        extra_cflags=["-O1", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags],
         extra_ldflags=flags,
         build_directory=build,
         verbose=False,

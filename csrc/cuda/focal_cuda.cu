@@ -703,36 +703,54 @@ bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std
 template <class scalar_t>
 using ForwardKernel = void (*)(const FocalParams, const KernelConsts<acc_type<scalar_t>>, bool, double*);
 
-// Calls f.template operator()<scalar_t, target_t, GK>() for p's dtypes and gamma.
+// One kernel variant: the logits' type, the targets' type and the gamma kind.
+template <class S, class T, int G>
+struct Variant {
+  using scalar_t = S;
+  using target_t = T;
+  static constexpr int GK = G;
+};
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(Variant<scalar_t, target_t, GK>{}) for p's dtypes and gamma. Tags rather than
+// explicit lambda template parameters: those are C++20, and torch before 2.13 (the GPU
+// machine has 2.11) builds extensions as C++17.
 template <class F>
 void dispatch_forward(const FocalParams& p, F&& f) {
-  const auto by_gamma = [&]<class scalar_t, class target_t>() {
+  const auto by_gamma = [&](auto scalar, auto target) {
+    using scalar_t = typename decltype(scalar)::type;
+    using target_t = typename decltype(target)::type;
     if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 is for gradcheck: one general variant
-      if (p.gamma_int == 2) return f.template operator()<scalar_t, target_t, kGammaTwo>();
+      if (p.gamma_int == 2) return f(Variant<scalar_t, target_t, kGammaTwo>{});
     }
-    return f.template operator()<scalar_t, target_t, kGammaAny>();
+    return f(Variant<scalar_t, target_t, kGammaAny>{});
   };
-  const auto by_target = [&]<class scalar_t>() {
+  const auto by_target = [&](auto scalar) {
+    using scalar_t = typename decltype(scalar)::type;
     if (p.labels) {
-      if (p.target.kind == ScalarKind::Int32) return by_gamma.template operator()<scalar_t, int32_t>();
-      return by_gamma.template operator()<scalar_t, int64_t>();
+      if (p.target.kind == ScalarKind::Int32) return by_gamma(scalar, TypeTag<int32_t>{});
+      return by_gamma(scalar, TypeTag<int64_t>{});
     }
     if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
       if (p.target.kind == ScalarKind::Float32) {  // AMP: reduced-precision logits, float32 targets
-        return by_gamma.template operator()<scalar_t, float>();
+        return by_gamma(scalar, TypeTag<float>{});
       }
     }
-    return by_gamma.template operator()<scalar_t, scalar_t>();
+    return by_gamma(scalar, TypeTag<scalar_t>{});
   };
   switch (p.input.kind) {
     case ScalarKind::Float16:
-      return by_target.template operator()<c10::Half>();
+      return by_target(TypeTag<c10::Half>{});
     case ScalarKind::BFloat16:
-      return by_target.template operator()<c10::BFloat16>();
+      return by_target(TypeTag<c10::BFloat16>{});
     case ScalarKind::Float32:
-      return by_target.template operator()<float>();
+      return by_target(TypeTag<float>{});
     case ScalarKind::Float64:
-      return by_target.template operator()<double>();
+      return by_target(TypeTag<double>{});
     default:
       return;  // rejected by the op layer
   }
@@ -793,8 +811,10 @@ int resident_blocks(Kernel kernel) {
 
 int64_t forward_grid(const FocalParams& p, int device) {
   int64_t grid = 1;
-  dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
-    grid = grid_size(p.rows * p.cols, device, resident_blocks(forward_launch<scalar_t, target_t, GK>(p).kernel));
+  dispatch_forward(p, [&](auto v) {
+    using V = decltype(v);
+    const auto kernel = forward_launch<typename V::scalar_t, typename V::target_t, V::GK>(p).kernel;
+    grid = grid_size(p.rows * p.cols, device, resident_blocks(kernel));
   });
   return grid;
 }
@@ -816,8 +836,10 @@ void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, 
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
   const int64_t grid = p.reduction == Reduction::Sum ? nblocks : forward_grid(p, device);
-  dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
-    const ForwardLaunch<scalar_t> launch = forward_launch<scalar_t, target_t, GK>(p);
+  dispatch_forward(p, [&](auto v) {
+    using V = decltype(v);
+    using scalar_t = typename V::scalar_t;
+    const ForwardLaunch<scalar_t> launch = forward_launch<scalar_t, typename V::target_t, V::GK>(p);
     launch.kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, make_consts<acc_type<scalar_t>>(p),
                                                                          launch.vectorized,
                                                                          static_cast<double*>(partials));

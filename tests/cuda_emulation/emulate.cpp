@@ -127,7 +127,11 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input
   if (divisor) p.divisor = divisor->data_ptr();
   std::string chosen = "general";
   std::vector<double> partials(static_cast<size_t>(grid), 0.0);
-  dispatch_forward(p, [&]<class scalar_t, class target_t, int GK>() {
+  dispatch_forward(p, [&](auto v) {
+    using V = decltype(v);
+    using scalar_t = typename V::scalar_t;
+    using target_t = typename V::target_t;
+    constexpr int GK = V::GK;
     const ForwardLaunch<scalar_t> l = forward_launch<scalar_t, target_t, GK>(p);
     if constexpr (std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>) {
       constexpr int kU = kRowUnrollPacks<scalar_t>;
