@@ -44,7 +44,7 @@ test-emulation-asan: build
 	FOCAL_EMULATION_ASAN=1 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 		$(PY) -m pytest tests/test_cuda_emulation.py -q -s
 
-# torch before 2.13 builds extensions as C++17: a C++20-only construct must fail here, not there.
+# torch before 2.12 builds extensions as C++17: a C++20-only construct must fail here, not there.
 check-old-torch: $(VENV)/.deps
 	PY=$(PY) .ci/check-old-torch
 

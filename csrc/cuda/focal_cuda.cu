@@ -717,7 +717,7 @@ struct TypeTag {
 };
 
 // Calls f(Variant<scalar_t, target_t, GK>{}) for p's dtypes and gamma. Tags rather than
-// explicit lambda template parameters: those are C++20, and torch before 2.13 (the GPU
+// explicit lambda template parameters: those are C++20, and torch before 2.12 (the GPU
 // machine has 2.11) builds extensions as C++17.
 template <class F>
 void dispatch_forward(const FocalParams& p, F&& f) {
