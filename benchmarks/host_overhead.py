@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import focal_cuda  # noqa: E402
 from focal_cuda import _checks  # noqa: E402
 from focal_cuda.reference import focal_terms  # noqa: E402
+
+from bench_focal import cpu_model  # noqa: E402  (this script's own folder)
 
 
 def per_call_us(fn, device, number=300, repeats=7, warmup=300):
@@ -78,17 +79,6 @@ def cases(device):
     }
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +96,7 @@ def main(argv=None) -> int:
 
 
 def measure(args, device) -> int:
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"host time per call, 4x5 input, {device} ({machine}), torch {torch.__version__}")
     rows = {}
     for name, fn in cases(device).items():
