@@ -69,7 +69,7 @@ bool is_supported_float(at::ScalarType t) {
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const at::Tensor& input, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
-                  const std::optional<at::Tensor>& divisor, double gamma, int64_t reduction) {
+                  const std::optional<at::Tensor>& divisor, double alpha, double gamma, int64_t reduction) {
   TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
                    "focal_cuda: inputs must be float16, bfloat16, float32 or float64 logits, got ",
                    input.scalar_type());
@@ -107,6 +107,8 @@ void check_inputs(const at::Tensor& input, const at::Tensor& targets, const std:
   }
   TORCH_CHECK_VALUE(gamma >= 0.0 && std::isfinite(gamma), "focal_cuda: gamma must be a finite number >= 0, got ",
                     gamma);
+  TORCH_CHECK_VALUE((alpha >= 0.0 && alpha <= 1.0) || alpha == -1.0,
+                    "focal_cuda: alpha must be in [0, 1], or -1 for no alpha weighting, got ", alpha);
   TORCH_CHECK_VALUE(reduction == 0 || reduction == 1, "focal_cuda: reduction must be 0 (none) or 1 (sum), got ",
                     reduction);
 }
@@ -296,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
                                                           const std::optional<at::Tensor>& divisor_, double scale,
                                                           double alpha, double gamma, int64_t reduction,
                                                           int64_t ignore_index, bool compute_grad,
-                                                          double grad_prescale) {
-  check_inputs(input_, targets_, weight_, divisor_, gamma, reduction);
+                                                          double grad_prescale, bool acc_loss) {
+  check_inputs(input_, targets_, weight_, divisor_, alpha, gamma, reduction);
   at::Tensor input = input_;
   at::Tensor targets = targets_;
   const bool labels = targets.scalar_type() == at::kInt || targets.scalar_type() == at::kLong;
@@ -325,7 +327,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
   } else {
     grad = at::empty(input.sizes(), opts);
   }
-  at::Tensor loss = reduction == 0 ? at::empty(input.sizes(), opts) : at::empty({}, opts);
+  // Under autocast a reduced loss comes back in float32 (acc_loss), as PyTorch's own losses do.
+  at::Tensor loss = reduction == 0 ? at::empty(input.sizes(), opts)
+                                   : at::empty({}, opts.dtype(acc_loss ? acc : input.scalar_type()));
   if (input.numel() == 0) {
     if (reduction != 0) loss.zero_();
     return {loss, grad};
@@ -375,6 +379,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd(const at::Tensor& inpu
   p.gamma = gamma;
   p.gamma_int = integer_gamma(gamma);
   p.reduction = reduction == 0 ? Reduction::None : Reduction::Sum;
+  p.acc_loss = reduction != 0 && acc_loss;
   p.scale = scale;
   at::Tensor divisor;
   if (divisor_) {
@@ -454,7 +459,7 @@ TORCH_LIBRARY(focal_cuda, m) {
   m.def(
       "sigmoid_focal_loss_fwd(Tensor input, Tensor targets, Tensor? weight, Tensor? divisor, float scale, "
       "float alpha, float gamma, int reduction, int ignore_index, bool compute_grad, "
-      "float grad_prescale=0.0) -> (Tensor, Tensor)",
+      "float grad_prescale=0.0, bool acc_loss=False) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()", {at::Tag::pt2_compliant_tag});
 }

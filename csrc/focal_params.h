@@ -74,6 +74,9 @@ struct FocalParams {
   int32_t gamma_int = 2;  // gamma when it is an integer in [0, 16], else -1
 
   Reduction reduction = Reduction::None;
+  // Reduction::Sum: the 0-d total is written in the compute type (float32, float64
+  // for float64 input) rather than the input's (the op's acc_loss: autocast).
+  bool acc_loss = false;
   // Every loss and gradient value is multiplied by scale / *divisor (divisor:
   // optional 0-d device tensor of the compute type; float64 for float64 input,
   // else float32). Sums are taken before the factor is applied.

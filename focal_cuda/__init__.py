@@ -12,14 +12,12 @@ from . import ops  # noqa: F401  (fake implementations and autograd registration
 from . import reference  # noqa: F401
 from .functional import sigmoid_focal_loss
 from .modules import SigmoidFocalLoss
-from .ops import SigmoidFocalLossFunction
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sigmoid_focal_loss",
     "SigmoidFocalLoss",
-    "SigmoidFocalLossFunction",
     "reference",
     "build_info",
     "set_cpu_grad_cache",

@@ -43,15 +43,35 @@ def _shape(t) -> str:
     return str(tuple(t.shape))
 
 
+# torch.compile with dynamic shapes passes floats as symbolic values: the checks below only compare
+# them (math.isfinite cannot be traced), so they run the same in eager mode and while tracing.
+_SYMBOLIC = (torch.SymFloat, torch.SymInt)
+INF = math.inf
+
+
 def _is_real(v) -> bool:
     """A real number that is not a bool (float and int first: an ABC check costs a few us a call)."""
     t = type(v)
-    return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
+    return t is float or t is int or (t is not bool and isinstance(v, (numbers.Real, *_SYMBOLIC)))
 
 
 def _is_int(v) -> bool:
     t = type(v)
-    return t is int or (t is not bool and isinstance(v, numbers.Integral))
+    return t is int or (t is not bool and isinstance(v, (numbers.Integral, torch.SymInt)))
+
+
+def check_options(alpha, gamma, reduction, ignore_index) -> None:
+    """The loss options alone (what a module can check when it is built)."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of 'none', 'mean', 'sum', got {reduction!r}")
+    if not _is_real(gamma) or not (0 <= gamma < INF):
+        raise ValueError(f"gamma: expected a finite real number >= 0, got {gamma!r}")
+    if not _is_real(alpha) or not (alpha == -1 or 0 <= alpha <= 1):
+        raise ValueError(
+            f"alpha: expected a number in [0, 1], or -1 for no alpha weighting (as torchvision), got {alpha!r}"
+        )
+    if not _is_int(ignore_index):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
 
 
 def check(
@@ -63,6 +83,7 @@ def check(
     weight,
     normalizer,
     ignore_index,
+    weight_name: str = "weight",
 ) -> Plan:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs: expected a torch.Tensor of logits, got {type(inputs).__name__}")
@@ -85,8 +106,12 @@ def check(
     elif targets.dtype.is_floating_point:
         labels = False
         if tuple(targets.shape) != tuple(inputs.shape):
+            hint = ""
+            if tuple(targets.shape) == tuple(inputs.shape[:-1]):
+                hint = f" (class indices of shape {_shape(targets)} must be int32/int64: pass targets.long())"
             raise ValueError(
                 f"targets: floating targets must have the shape of inputs {_shape(inputs)}, got {_shape(targets)}"
+                + hint
             )
     else:
         raise TypeError(
@@ -101,33 +126,10 @@ def check(
             "pass targets.detach()"
         )
 
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of 'none', 'mean', 'sum', got {reduction!r}")
-    if not _is_real(gamma) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma: expected a finite real number >= 0, got {gamma!r}")
-    if not _is_real(alpha) or not math.isfinite(alpha):
-        raise ValueError(f"alpha: expected a finite real number (alpha < 0 disables alpha weighting), got {alpha!r}")
-    if not _is_int(ignore_index):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_options(alpha, gamma, reduction, ignore_index)
 
     if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
-            what = f"dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise TypeError(f"weight: expected a floating tensor, got {what}")
-        try:
-            shape = torch.broadcast_shapes(weight.shape, inputs.shape)
-        except RuntimeError:
-            shape = None
-        if shape is None or tuple(shape) != tuple(inputs.shape):
-            raise ValueError(
-                f"weight: shape {_shape(weight)} does not broadcast to inputs {_shape(inputs)}; expected "
-                f"per element {_shape(inputs)}, per anchor {tuple(inputs.shape[:-1]) + (1,)} or per class "
-                f"({inputs.shape[-1]},)"
-            )
-        if weight.device != inputs.device:
-            raise ValueError(f"weight: expected a tensor on {inputs.device}, got {weight.device}")
-        if weight.requires_grad:
-            raise ValueError("weight: requires grad, but focal_cuda does not differentiate with respect to weight")
+        _check_weight(weight, inputs, weight_name)
 
     acc = compute_dtype(inputs.dtype)
     scale = 1.0
@@ -151,6 +153,29 @@ def check(
     return Plan(labels, REDUCE_NONE if reduction == "none" else REDUCE_SUM, scale, divisor)
 
 
+def _check_weight(weight, inputs, name: str) -> None:
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        what = f"dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"{name}: expected a floating tensor, got {what}")
+    try:
+        shape = torch.broadcast_shapes(weight.shape, inputs.shape)
+    except RuntimeError:
+        shape = None
+    if shape is None or tuple(shape) != tuple(inputs.shape):
+        if name == "weight":
+            expected = (f"per element {_shape(inputs)}, per anchor {tuple(inputs.shape[:-1]) + (1,)} or per class "
+                        f"({inputs.shape[-1]},)")
+        else:
+            expected = f"one weight per class, ({inputs.shape[-1]},)"
+        raise ValueError(
+            f"{name}: shape {_shape(weight)} does not broadcast to inputs {_shape(inputs)}; expected {expected}"
+        )
+    if weight.device != inputs.device:
+        raise ValueError(f"{name}: expected a tensor on {inputs.device} (the device of inputs), got {weight.device}")
+    if weight.requires_grad:
+        raise ValueError(f"{name}: requires grad, but focal_cuda does not differentiate with respect to it")
+
+
 def _normalizer(normalizer: Union[float, torch.Tensor], inputs: torch.Tensor, acc: torch.dtype):
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
@@ -171,7 +196,7 @@ def _normalizer(normalizer: Union[float, torch.Tensor], inputs: torch.Tensor, ac
         return normalizer.reshape(()).to(acc), 1.0
     if not _is_real(normalizer):
         raise TypeError(f"normalizer: expected a number or a 1-element tensor, got {type(normalizer).__name__}")
-    if not math.isfinite(normalizer) or normalizer == 0:
+    if not (-INF < normalizer < INF) or normalizer == 0:
         raise ValueError(f"normalizer: expected a finite non-zero number, got {normalizer!r}")
     return None, 1.0 / float(normalizer)
 

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from . import _checks
-from .ops import SigmoidFocalLossFunction
+from .ops import fused_forward
 
 FP16_GRAD_PRESCALE = 256.0
 
@@ -31,7 +31,8 @@ def sigmoid_focal_loss(
         targets: either floating, same shape as ``inputs`` (0/1 or soft targets, torchvision's form),
             or int32/int64 class indices of shape ``inputs.shape[:-1]``: ``0..C-1`` marks that class
             positive, ``C`` is background (all C negative), ``ignore_index`` is ignored.
-        alpha: weight of positives in ``[0, 1]``; negatives get ``1 - alpha``; ``alpha < 0`` disables it.
+        alpha: weight of positives in ``[0, 1]``; negatives get ``1 - alpha``; ``-1`` disables it
+            (as in torchvision, any other value raises ValueError).
         gamma: focusing parameter, any real ``>= 0``.
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``. ``"mean"`` divides by the number of elements
             that are not ignored (at least 1).
@@ -45,9 +46,15 @@ def sigmoid_focal_loss(
             label otherwise turns the loss NaN.
 
     Returns:
-        The loss, in the dtype of ``inputs``: shape of ``inputs`` for ``"none"``, else 0-d.
+        The loss, in the dtype of ``inputs``: shape of ``inputs`` for ``"none"``, else 0-d. Under
+        ``torch.autocast`` a reduced (0-d) loss is float32, as PyTorch's own losses are.
     """
-    plan = _checks.check(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index)
+    return _sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, validate)
+
+
+def _sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, validate,
+                        weight_name="weight"):
+    plan = _checks.check(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, weight_name)
     if validate and plan.labels:
         _checks.validate_labels(targets, inputs.shape[-1], int(ignore_index))
     compute_grad = inputs.requires_grad and torch.is_grad_enabled()
@@ -58,7 +65,10 @@ def sigmoid_focal_loss(
     prescale = 0.0
     if compute_grad and inputs.dtype == torch.float16:
         prescale = 1.0 if weight is not None else FP16_GRAD_PRESCALE
-    loss, _ = SigmoidFocalLossFunction.apply(
+    # under autocast a reduced loss comes back in float32 (the op's autocast rule does the same for
+    # torch.ops callers; deciding it here keeps the eager fast path off the Python autocast kernel)
+    acc_loss = plan.reduction != _checks.REDUCE_NONE and torch.is_autocast_enabled(inputs.device.type)
+    return fused_forward(
         inputs,
         targets,
         weight,
@@ -70,5 +80,5 @@ def sigmoid_focal_loss(
         int(ignore_index),
         compute_grad,
         prescale,
+        acc_loss,
     )
-    return loss

@@ -1,4 +1,4 @@
-"""Fake (meta) implementations and autograd for the native ops.
+"""Fake (meta) implementations, autocast and autograd for the native ops.
 
 Forward (``torch.ops.focal_cuda.sigmoid_focal_loss_fwd``) returns the loss and,
 when asked, the gradient d loss / d inputs with alpha, weight and normalizer
@@ -12,17 +12,25 @@ How backward applies grad_output:
     when it is exactly 1 (the usual case: loss.backward() or a sum of losses);
     the gradient tensor then belongs to the caller;
   * graph retained (``retain_graph=True``), torch.compile, wrapped tensors
-    (opcheck, tensor subclasses), or the raw op whose caller holds the gradient
-    output: out of place, ``grad * grad_output``, so the
-    saved gradient is never modified and a later backward still sees it;
+    (opcheck, tensor subclasses, torch.func), or the raw op whose caller holds
+    the gradient output: out of place, ``grad * grad_output``, so the saved
+    gradient is never modified and a later backward still sees it;
   * float16 (``grad_prescale > 0``): the forward stored d loss / d inputs * weight
     * grad_prescale, without the normaliser; backward multiplies by
     grad_output * scale / divisor / grad_prescale computed in float32, in place or
     out of place by the rules above, so nothing underflows between a normaliser
     and a loss scale;
-  * ``create_graph=True``: the second derivative is not implemented; eager
-    backward with create_graph raises a RuntimeError saying so, rather than
-    return a gradient whose own derivative would silently be wrong.
+  * a second derivative (``create_graph=True``, nested ``torch.func.grad``) is
+    not implemented: it raises a RuntimeError saying so, rather than return a
+    gradient whose own derivative would silently be wrong.
+
+Three autograd paths reach the same forward and backward:
+  * ``_SigmoidFocalLossFunction`` (what ``sigmoid_focal_loss`` calls): an
+    ``autograd.Function`` whose forward takes ``ctx``, the cheapest in host time;
+  * ``_FunctorchFunction``: the same with a separate ``setup_context``, which
+    torch.func transforms (``grad``, ``vjp``, ``vmap``) require; used only while
+    one is active;
+  * the op's own registration (``register_autograd``), for ``torch.ops`` callers.
 """
 
 from __future__ import annotations
@@ -38,15 +46,23 @@ scale_grad_op = torch.ops.focal_cuda.scale_grad_
 _fwd = fwd_op.default
 _scale_grad = scale_grad_op.default
 
-# inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad, grad_prescale
-_NUM_FWD_ARGS = 11
+# input, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
+# grad_prescale, acc_loss
+_NUM_FWD_ARGS = 12
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("focal_cuda::sigmoid_focal_loss_fwd")
-def _fwd_fake(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
-              grad_prescale=0.0):
-    loss = inputs.new_empty(inputs.shape if reduction == 0 else ())
-    grad = inputs.new_empty(inputs.shape) if compute_grad else inputs.new_empty((0,))
+def _fwd_fake(input, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
+              grad_prescale=0.0, acc_loss=False):
+    if reduction == 0:
+        loss = input.new_empty(input.shape)
+    else:
+        loss = input.new_empty((), dtype=_compute_dtype(input.dtype) if acc_loss else input.dtype)
+    grad = input.new_empty(input.shape) if compute_grad else input.new_empty((0,))
     return loss, grad
 
 
@@ -54,6 +70,35 @@ def _fwd_fake(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, 
 def _scale_grad_fake(grad, grad_output):
     return None
 
+
+# --------------------------------------------------------------------------------------- autocast
+# Under torch.autocast a reduced loss comes back in float32, as torchvision's and PyTorch's own
+# losses do: the op writes its (float32-accumulated) total in float32 instead of rounding it to the
+# logits' bfloat16 or float16. The logits are not cast; an elementwise loss keeps their dtype.
+
+def _register_autocast(device_type: str, lib: torch.library.Library) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    keyset = torch._C.DispatchKeySet(key)
+
+    def fwd_autocast(*args):
+        args = list(args) + [0.0, False][len(args) - (_NUM_FWD_ARGS - 2):]
+        args[11] = bool(args[11]) or args[7] != 0  # acc_loss for a reduced loss
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return _fwd(*args)
+
+    if _fwd.has_kernel_for_dispatch_key(key):
+        _fwd.py_kernels.pop(key)
+    _fwd.py_impl(key)(fwd_autocast)  # what tracing (torch.compile, export) dispatches to
+    lib.impl("sigmoid_focal_loss_fwd", lambda _keyset, *args: fwd_autocast(*args), key_name, with_keyset=True)
+
+
+_autocast_lib = torch.library.Library("focal_cuda", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type, _autocast_lib)
+
+
+# --------------------------------------------------------------------------------------- backward
 
 _keep_graph_getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 
@@ -78,11 +123,11 @@ def _times(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (grad.to(factor.dtype) * factor).to(grad.dtype)
 
 
-def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int,
-                      may_modify: bool = True) -> torch.Tensor:
+def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, may_modify: bool = True) -> torch.Tensor:
     """d loss / d inputs = saved gradient * grad_output, without a pass when grad_output == 1.
 
-    grad_output has grad's dtype, or float32 for a float16 gradient (scaled in float32).
+    grad_output has grad's dtype, or float32 for a 16-bit gradient (scaled in float32: a float16
+    gradient's rescaling, or the float32 loss of autocast).
     may_modify: the saved gradient is private to autograd (not handed to the caller as an output)."""
     if not may_modify or torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
         return _times(grad, grad_output)
@@ -98,21 +143,36 @@ def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, reduction: 
     return grad
 
 
-def setup_context(ctx, inputs, output, private_grad=False):
-    """private_grad: the caller never sees the gradient output (sigmoid_focal_loss drops it), so
-    backward may scale it in place; the raw op's caller holds it, so backward must not."""
+def _save(ctx, output, private_grad, input, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index,
+          compute_grad, grad_prescale=0.0, acc_loss=False):
+    loss, grad = output
     ctx.private_grad = private_grad
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
+    ctx.has_grad = bool(compute_grad)
+    if ctx.has_grad:
+        ctx.mark_non_differentiable(grad)
+    else:
+        # no gradient was computed (an inference call, or a program exported under no_grad):
+        # the loss does not require grad either, rather than fail in backward
+        ctx.mark_non_differentiable(loss, grad)
     # The gradient output has no gradient of its own; without this, autograd
     # would allocate and zero a tensor of the logits' size for it on every backward.
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[7]
-    ctx.has_grad = bool(inputs[9])
-    ctx.prescale = float(inputs[10]) if len(inputs) > 10 else 0.0
+    ctx.prescale = float(grad_prescale)
     ctx.unnormalized = ctx.prescale > 0
-    ctx.scale = float(inputs[4])
-    ctx.save_for_backward(grad if ctx.has_grad else None, inputs[3] if ctx.unnormalized else None)
+    ctx.scale = float(scale)
+    ctx.save_for_backward(grad if ctx.has_grad else None, divisor if ctx.unnormalized else None)
+
+
+def setup_context(ctx, inputs, output, private_grad=False):
+    """private_grad: the caller never sees the gradient output (sigmoid_focal_loss drops it), so
+    backward may scale it in place; the raw op's caller holds it, so backward must not."""
+    _save(ctx, output, private_grad, *inputs)
+
+
+_DOUBLE_BACKWARD = (
+    "focal_cuda: double backward is not supported: {how}, but the fused gradient is not "
+    "differentiable again. Use focal_cuda.reference.sigmoid_focal_loss where one is needed"
+)
 
 
 def backward(ctx, grad_loss, _grad_of_grad):
@@ -121,16 +181,7 @@ def backward(ctx, grad_loss, _grad_of_grad):
         return (None,) + nones
     grad_mode = torch.is_grad_enabled()  # (off in a plain backward: then no no_grad block is needed)
     if grad_mode and not torch.compiler.is_compiling() and _is_plain(grad_loss):
-        raise RuntimeError(
-            "focal_cuda: double backward is not supported: backward was called with create_graph=True, "
-            "but the fused gradient is not differentiable again. Use focal_cuda.reference.sigmoid_focal_loss "
-            "where a second derivative is needed"
-        )
-    if not ctx.has_grad:
-        raise RuntimeError(
-            "focal_cuda: backward called, but the forward ran with compute_grad=False; "
-            "call it with inputs that require grad (under torch.enable_grad())"
-        )
+        raise RuntimeError(_DOUBLE_BACKWARD.format(how="backward was called with create_graph=True"))
     if grad_mode:
         with torch.no_grad():
             return (_input_grad(ctx, grad_loss),) + nones
@@ -138,6 +189,11 @@ def backward(ctx, grad_loss, _grad_of_grad):
 
 
 def _input_grad(ctx, grad_loss):
+    if not ctx.has_grad:
+        raise RuntimeError(
+            "focal_cuda: backward called, but the forward ran with compute_grad=False; "
+            "call it with inputs that require grad (under torch.enable_grad())"
+        )
     grad, divisor = ctx.saved_tensors
     go = grad_loss
     if ctx.unnormalized:
@@ -146,39 +202,85 @@ def _input_grad(ctx, grad_loss):
         go = grad_loss.float() * (ctx.scale / ctx.prescale)
         if divisor is not None:
             go = go / divisor.float()
-    return apply_grad_output(grad, go, ctx.reduction, may_modify=ctx.private_grad)
+    return apply_grad_output(grad, go, may_modify=ctx.private_grad)
 
 
 torch.library.register_autograd("focal_cuda::sigmoid_focal_loss_fwd", backward, setup_context=setup_context)
 
 
-class SigmoidFocalLossFunction(torch.autograd.Function):
-    """The autograd function behind ``sigmoid_focal_loss``.
-
-    ``apply(inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
-    grad_prescale=0.0)`` with the op's raw arguments (see ``focal_cuda.functional`` for how the
-    public arguments map onto them) returns ``(loss, grad)``; ``grad`` is non-differentiable and empty
-    unless ``compute_grad``. It is the buffer backward hands to autograd: ``sigmoid_focal_loss`` drops
-    it, which lets backward scale it in place (no allocation); a caller of ``apply`` who keeps it must
-    read it before calling backward. (The raw op's own autograd never modifies it.)
-    """
+class _SigmoidFocalLossFunction(torch.autograd.Function):
+    """The autograd function behind ``sigmoid_focal_loss``: ``apply`` takes the op's arguments and
+    returns ``(loss, grad)``; ``sigmoid_focal_loss`` drops ``grad``, which lets backward scale it in
+    place (no allocation). Not public: its arguments are the op's, which may change."""
 
     # forward(ctx, ...) rather than a separate setup_context: with setup_context, Function.apply binds
     # the arguments through inspect.signature on every call (~100 us of host time per call).
     @staticmethod
-    def forward(ctx, inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
-                grad_prescale=0.0):
-        args = (inputs, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
-                grad_prescale)
+    def forward(ctx, *args):
         if torch.compiler.is_compiling():
             output = _fwd(*args)
         else:
             # straight to the kernel: the op's own (Python) autograd layer has nothing to do here
             with torch._C._AutoDispatchBelowAutograd():
                 output = _fwd(*args)
-        setup_context(ctx, args, output, private_grad=True)
+        _save(ctx, output, True, *args)
         return output
 
     @staticmethod
     def backward(ctx, grad_loss, grad_of_grad):
         return backward(ctx, grad_loss, grad_of_grad)
+
+
+def _grad_levels() -> int:
+    """How many torch.func differentiation transforms (grad, vjp, jacrev, jvp) are active."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad_like = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() in grad_like)
+
+
+class _FunctorchFunction(torch.autograd.Function):
+    """The same forward and backward in the form torch.func transforms accept (a separate
+    setup_context; vmap runs the op once per batch entry). Used only while a transform is active."""
+
+    @staticmethod
+    def forward(*args):
+        return _fwd(*args)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        # one op call per batch entry: each sample's loss is reduced and normalised exactly as an
+        # unbatched call would (per-sample divisors included)
+        outputs = []
+        for b in range(info.batch_size):
+            outputs.append(_fwd(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims))))
+        loss = torch.stack([o[0] for o in outputs])
+        grad = torch.stack([o[1] for o in outputs])
+        return (loss, grad), (0, 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, output, False, *inputs)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            "focal_cuda: forward-mode differentiation (torch.func.jvp, jacfwd, hessian) is not supported; "
+            "use reverse mode (torch.func.grad, vjp, jacrev), or focal_cuda.reference.sigmoid_focal_loss"
+        )
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_grad):
+        nones = (None,) * (_NUM_FWD_ARGS - 1)
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) + nones
+        if _grad_levels() > 1:
+            raise RuntimeError(_DOUBLE_BACKWARD.format(how="torch.func transforms were nested to differentiate twice"))
+        return (_input_grad(ctx, grad_loss),) + nones
+
+
+def fused_forward(*args) -> torch.Tensor:
+    """The loss of the op's forward, through the autograd path that suits the caller."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _FunctorchFunction.apply(*args)[0]
+    return _SigmoidFocalLossFunction.apply(*args)[0]

@@ -35,6 +35,14 @@ CASES = {
     "gamma < 0": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"gamma": -1.0}, ValueError, r"gamma.*>= 0.*-1"),
     "gamma nan": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"gamma": float("nan")}, ValueError, r"gamma"),
     "alpha inf": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"alpha": float("inf")}, ValueError, r"alpha"),
+    # torchvision's range: [0, 1], or -1 for no alpha weighting; anything else raises
+    "alpha > 1": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"alpha": 2.0}, ValueError,
+                  r"alpha: expected a number in \[0, 1\], or -1 .*got 2.0"),
+    "alpha < 0": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"alpha": -0.5}, ValueError,
+                  r"alpha: expected .*got -0.5"),
+    "alpha nan": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"alpha": float("nan")}, ValueError, r"alpha"),
+    "float labels": (lambda d: (_x(d), torch.zeros(4, device=d)), {}, ValueError,
+                     r"targets: floating targets .*got \(4,\).*class indices .*int32/int64: pass targets.long\(\)"),
     "weight shape": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"weight": torch.ones(3)}, ValueError,
                      r"weight.*\(3,\).*does not broadcast.*\(4, 5\)"),
     "weight too big": (lambda d: (_x(d), torch.zeros(4, 5, device=d)), {"weight": torch.ones(2, 4, 5)}, ValueError,
@@ -129,6 +137,10 @@ def test_raw_op_checks():
         op(x, torch.zeros(4, 5), torch.ones(3), None, 1.0, 0.25, 2.0, 0, -1, False)
     with pytest.raises(TypeError, match="inputs must be"):
         op(x.long(), torch.zeros(4, 5), None, None, 1.0, 0.25, 2.0, 0, -1, False)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], or -1"):
+        op(x, torch.zeros(4, 5), None, None, 1.0, 2.0, 2.0, 0, -1, False)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], or -1"):
+        op(x, torch.zeros(4, 5), None, None, 1.0, -0.5, 2.0, 0, -1, False)
     with pytest.raises(ValueError, match="grad_output must have one element"):
         focal_cuda.ops.scale_grad_op(torch.ones(3), torch.ones(2))
 
@@ -137,6 +149,41 @@ def test_module_weight_conflict():
     m = focal_cuda.SigmoidFocalLoss(class_weight=torch.ones(5))
     with pytest.raises(ValueError, match="class_weight"):
         m(torch.randn(4, 5), torch.zeros(4, 5), weight=torch.ones(5))
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    ({"reduction": "avg"}, ValueError, r"reduction.*'avg'"),
+    ({"gamma": -1}, ValueError, r"gamma.*-1"),
+    ({"alpha": 2.0}, ValueError, r"alpha.*\[0, 1\].*2.0"),
+    ({"ignore_index": 0.5}, TypeError, r"ignore_index"),
+    ({"class_weight": torch.ones(2, 5)}, ValueError, r"class_weight: expected one weight per class.*\(2, 5\)"),
+    ({"class_weight": torch.ones(5, dtype=torch.bool)}, TypeError, r"class_weight.*torch.bool"),
+    ({"class_weight": "heavy"}, TypeError, r"class_weight.*str"),
+])
+def test_module_checks_options_when_built(kwargs, exc, pattern):
+    """A module with a bad option fails where it is built, not at its first forward."""
+    with pytest.raises(exc, match=pattern):
+        focal_cuda.SigmoidFocalLoss(**kwargs)
+
+
+def test_module_class_weight_errors_name_class_weight(device):
+    m = focal_cuda.SigmoidFocalLoss(class_weight=torch.ones(5)).to(device)
+    with pytest.raises(ValueError, match=r"class_weight: shape \(5,\) does not broadcast.*\(4, 7\).*per class, \(7,\)"):
+        m(torch.randn(4, 7, device=device), torch.zeros(4, dtype=torch.long, device=device))
+    # a per-call weight is still called weight
+    with pytest.raises(ValueError, match=r"^weight: shape \(3,\)"):
+        focal_cuda.SigmoidFocalLoss()(torch.randn(4, 7, device=device), torch.zeros(4, dtype=torch.long, device=device),
+                                      weight=torch.ones(3, device=device))
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"class_weight: expected a tensor on cpu.*meta"):
+            focal_cuda.SigmoidFocalLoss(class_weight=torch.ones(5, device="meta"))(
+                torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+
+
+def test_module_repr_shows_class_weight():
+    assert "class_weight=[1, 2, 0.5]" in repr(focal_cuda.SigmoidFocalLoss(class_weight=[1.0, 2.0, 0.5]))
+    assert "class_weight=<80 per-class weights" in repr(focal_cuda.SigmoidFocalLoss(class_weight=torch.ones(80)))
+    assert "class_weight" not in repr(focal_cuda.SigmoidFocalLoss())
 
 
 def test_numpy_and_fraction_options_are_accepted_like_floats():

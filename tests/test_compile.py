@@ -126,3 +126,102 @@ def test_compile_reports_no_graph_break(device):
     explanation = torch._dynamo.explain(fn)(x, labels)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+# ----------------------------------------------------------------------------- dynamic shapes
+
+def _dynamic_case(device, n, g, dense):
+    x = torch.randn(2, n, 5, generator=g).to(device)
+    if dense:
+        y = (torch.rand(2, n, 5, generator=g) < 0.2).float().to(device)
+    else:
+        y = torch.randint(-1, 6, (2, n), generator=g).to(device)  # -1 ignored, 5 background
+    return x, y
+
+
+@pytest.mark.parametrize("mode", ["dynamic=True", "mark_dynamic", "automatic"])
+@pytest.mark.parametrize("options", ["module defaults", "module options", "passed per call"])
+def test_compile_dynamic_shapes(device, mode, options):
+    """Dynamic shapes make the sizes, and the float options passed in, symbolic: the argument checks
+    must still trace (no graph break with fullgraph=True), and every size must give eager's values
+    and gradients."""
+    torch._dynamo.reset()
+    if options == "module defaults":
+        crit = focal_cuda.SigmoidFocalLoss(reduction="sum")
+        fn = lambda x, y, a, gm: crit(x, y)  # noqa: E731
+    elif options == "module options":
+        crit = focal_cuda.SigmoidFocalLoss(alpha=0.5, gamma=1.5, reduction="mean")
+        fn = lambda x, y, a, gm: crit(x, y)  # noqa: E731
+    else:
+        fn = lambda x, y, a, gm: focal_cuda.sigmoid_focal_loss(x, y, a, gm, "sum", normalizer=3.0)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True if mode == "dynamic=True" else None, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    for n, (a, gm) in zip((50, 61, 77), ((0.25, 2.0), (0.5, 1.5), (-1.0, 3.0))):
+        for dense in (False, True):
+            x, y = _dynamic_case(device, n, g, dense)
+            xc = x.clone().requires_grad_()
+            xe = x.clone().requires_grad_()
+            if mode == "mark_dynamic":
+                torch._dynamo.mark_dynamic(xc, 1)
+                torch._dynamo.mark_dynamic(y, 1)
+            got = compiled(xc, y, a, gm)
+            want = fn(xe, y, a, gm)
+            got.backward()
+            want.backward()
+            assert_close64(got, want.double(), rtol=1e-6)
+            assert_close64(xc.grad, xe.grad.double(), rtol=1e-6)
+
+
+def test_compile_dynamic_inductor(device):
+    """The issue's case on the default backend: a module with default options, dynamic=True."""
+    torch._dynamo.reset()
+    crit = focal_cuda.SigmoidFocalLoss(reduction="sum")
+    f = torch.compile(lambda x, y: crit(x, y), fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(4)
+    for n in (50, 64):
+        x, y = _dynamic_case(device, n, g, dense=False)
+        assert_close64(f(x, y), crit(x, y).double(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- torch.export
+
+class _LossModule(torch.nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.cls = torch.nn.Linear(8, C)
+
+    def forward(self, feats, labels):
+        return focal_cuda.sigmoid_focal_loss(self.cls(feats), labels, reduction="sum", normalizer=4.0)
+
+
+def _export_case(device):
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+    model = _LossModule(9).to(device)
+    feats = torch.randn(3, 20, 8, generator=g).to(device)
+    labels = torch.randint(-1, 10, (3, 20), generator=g).to(device)
+    return model, feats, labels
+
+
+def test_export_for_inference(device):
+    """Exported under no_grad, the program computes the loss only, and its output does not require
+    grad, also when run with grad enabled (it used to require grad and fail in backward)."""
+    model, feats, labels = _export_case(device)
+    with torch.no_grad():
+        ep = torch.export.export(model, (feats, labels))
+    out = ep.module()(feats, labels)
+    assert not out.requires_grad
+    assert_close64(out, model(feats, labels).double(), rtol=1e-6)
+
+
+def test_export_for_training(device):
+    """Exported with grad enabled, the program computes the gradient too: backward through it gives
+    eager's parameter gradients."""
+    model, feats, labels = _export_case(device)
+    ep = torch.export.export(model, (feats, labels))
+    exported = ep.module()
+    out = exported(feats, labels)
+    out.backward()
+    model(feats, labels).backward()
+    got = dict(exported.named_parameters())["cls.weight"].grad
+    assert_close64(got, model.cls.weight.grad.double(), rtol=1e-6)

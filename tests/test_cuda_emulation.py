@@ -114,11 +114,11 @@ def test_emulated_kernels_match_cpu_op(emu, dtype, C, kind, weighted, gamma, alp
     w = make_weight(weighted, rows, C, g)
     ref_loss, ref_grad = cpu_op(x, t, weight=w, gamma=gamma, alpha=alpha)
     for grid in (1, 3):
-        loss, grad, chosen = emu.forward(x, t, w, alpha, gamma, -1, False, True, 1.0, None, grid)
+        loss, grad, chosen = emu.forward(x, t, w, alpha, gamma, -1, False, True, 1.0, None, grid, False)
         assert chosen == expected_kernel(dtype, C, kind != "dense", weighted)
         torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
         torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
-        total, _, _ = emu.forward(x, t, w, alpha, gamma, -1, True, False, 1.0, None, grid)
+        total, _, _ = emu.forward(x, t, w, alpha, gamma, -1, True, False, 1.0, None, grid, False)
         torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
 
 
@@ -153,16 +153,16 @@ def test_emulated_ignored_rows_and_bad_labels(emu, dtype, C, weighted):
     x_clean[zero_w] = 0.0
     ref_loss, ref_grad = cpu_op(x_clean, clean, weight=w)
     divisor = torch.tensor(8.0)
-    loss, grad, chosen = emu.forward(x, labels, w, 0.25, 2.0, -1, False, True, 1.0, divisor, 2)
+    loss, grad, chosen = emu.forward(x, labels, w, 0.25, 2.0, -1, False, True, 1.0, divisor, 2, False)
     assert chosen == expected_kernel(dtype, C, True, weighted)
     assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
     assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
     assert torch.all(loss[zero_w] == 0) and torch.all(grad[zero_w] == 0)
     torch.testing.assert_close(loss[good].double(), ref_loss[good].double() / 8, **close(dtype))
     torch.testing.assert_close(grad[good].double(), ref_grad[good].double() / 8, **close(dtype))
-    total, _, _ = emu.forward(x, labels, w, 0.25, 2.0, -1, True, False, 1.0, None, 2)
+    total, _, _ = emu.forward(x, labels, w, 0.25, 2.0, -1, True, False, 1.0, None, 2, False)
     assert torch.isnan(total)
-    total, _, _ = emu.forward(x, clean, w, 0.25, 2.0, -1, True, False, 1.0, None, 2)
+    total, _, _ = emu.forward(x, clean, w, 0.25, 2.0, -1, True, False, 1.0, None, 2, False)
     torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
 
 
@@ -176,13 +176,27 @@ def test_emulated_misaligned_and_ignore_index_a_class(emu, dtype):
     shifted = torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(rows, C)
     assert shifted.data_ptr() % 16 != 0
     ref_loss, ref_grad = cpu_op(x, labels)
-    loss, grad, chosen = emu.forward(shifted, labels, None, 0.25, 2.0, -1, False, True, 1.0, None, 3)
+    loss, grad, chosen = emu.forward(shifted, labels, None, 0.25, 2.0, -1, False, True, 1.0, None, 3, False)
     assert chosen == "general"
     torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
     torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
     labels = torch.where(labels == -1, C, labels)  # -1 is a bad label once ignore_index is 5
     ref_loss, ref_grad = cpu_op(x, labels, ignore_index=5)
-    loss, grad, chosen = emu.forward(x, labels, None, 0.25, 2.0, 5, False, True, 1.0, None, 3)
+    loss, grad, chosen = emu.forward(x, labels, None, 0.25, 2.0, 5, False, True, 1.0, None, 3, False)
     assert chosen == "label_rows" and (labels == 5).any() and torch.all(loss[labels == 5] == 0)
     torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
     torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [80, 3])
+def test_emulated_reduced_loss_in_float32_under_autocast(emu, dtype, C):
+    """acc_loss (what autocast asks for): the finalisation writes the scaled total in float32, not
+    rounded to the logits' 16-bit type (whose rounding alone is ~100x this tolerance)."""
+    g = torch.Generator().manual_seed(11)
+    x, labels = inputs(4000 // C + 3, C, dtype, "labels", g)
+    divisor = torch.tensor(3.0)
+    expected = focal_cuda.reference.sigmoid_focal_loss(x.double(), labels, reduction="sum") / 3.0
+    total, _, _ = emu.forward(x, labels, None, 0.25, 2.0, -1, True, False, 1.0, divisor, 3, True)
+    assert total.dtype == torch.float32 and total.dim() == 0
+    torch.testing.assert_close(total.double(), expected, rtol=2e-5, atol=0)

@@ -153,3 +153,94 @@ def test_backward_factor_not_rounded_to_16_bit(device, dtype):
     torch.ops.focal_cuda.scale_grad_(grad, torch.tensor(1.1223e-7, device=device))
     expected = torch.full((1000,), 216.75 * 1.1223e-7, dtype=torch.float64)
     torch.testing.assert_close(grad.double().cpu(), expected, rtol=2**-8, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- autocast (AMP)
+
+def _amp_generator():
+    return torch.Generator().manual_seed(31)
+
+
+def _amp_step(device, amp_dtype, reduction, fn, compiled=False):
+    """A linear head under autocast (its logits come out in amp_dtype), the loss, and backward."""
+    g = _amp_generator()
+    labels = torch.randint(-1, 81, (2, 300), generator=g)  # -1 ignored, 80 background
+    head = torch.nn.Linear(16, 80)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(80, 16, generator=g) * 0.5)
+        head.bias.copy_(torch.randn(80, generator=g) - 2.0)
+    feats = torch.randn(2, 300, 16, generator=g)
+    head, feats, labels = head.to(device), feats.to(device), labels.to(device)
+
+    def step(feats, labels):
+        logits = head(feats)
+        return logits, fn(logits, labels, reduction=reduction)
+
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.autocast(device, dtype=amp_dtype):
+        logits, loss = step(feats, labels)
+    (loss if loss.dim() == 0 else loss.float().sum()).backward()
+    return logits, loss, head.weight.grad
+
+
+@pytest.mark.parametrize("amp_dtype", LOW)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_reduced_loss_is_float32(device, amp_dtype, reduction, compiled):
+    """Under autocast a reduced loss comes back in float32, as torchvision's sigmoid_focal_loss and
+    PyTorch's own losses do, and as accurate as float32 accumulation of the 16-bit logits allows (a
+    16-bit result would be ~1e-3 off); the logits are not upcast, so the gradient stays 16-bit."""
+    logits, loss, _ = _amp_step(device, amp_dtype, reduction, focal_cuda.sigmoid_focal_loss, compiled)
+    assert logits.dtype == amp_dtype
+    assert loss.dtype == torch.float32
+    labels = torch.randint(-1, 81, (2, 300), generator=_amp_generator()).to(device)
+    normalizer = None if reduction == "sum" else (labels != -1).sum() * 80
+    expected = focal_cuda.reference.sigmoid_focal_loss(logits.detach().double(), labels, reduction="sum")
+    assert_close64(loss, expected / (1 if normalizer is None else normalizer), rtol=2e-5)
+    # torchvision's own result under autocast: float32 too (its elementwise math partly in 16 bits)
+    _, tv_loss, _ = _amp_step(device, amp_dtype, reduction, _torchvision_on_labels, compiled=False)
+    assert tv_loss.dtype == torch.float32
+    assert_close64(loss, tv_loss.double(), rtol=1e-3)
+
+
+def _torchvision_on_labels(logits, labels, reduction):
+    """torchvision's sigmoid_focal_loss on the one-hot of the labels, ignored anchors dropped."""
+    tv_ops = pytest.importorskip("torchvision.ops")
+    keep = labels != -1
+    dense = torch.nn.functional.one_hot(labels[keep], 81)[:, :80].to(logits.dtype)
+    loss = tv_ops.sigmoid_focal_loss(logits[keep], dense, reduction="sum")
+    return loss if reduction == "sum" else loss / (keep.sum() * 80)
+
+
+@pytest.mark.parametrize("amp_dtype", LOW)
+def test_autocast_elementwise_loss_and_raw_op(device, amp_dtype):
+    """reduction='none' keeps the logits' dtype under autocast (one float32 tensor of the logits'
+    size would double what the loss writes); the raw op's own autocast rule returns a float32 sum."""
+    x = torch.randn(6, 10, device=device).to(amp_dtype)
+    labels = torch.randint(0, 11, (6,), device=device)
+    op = torch.ops.focal_cuda.sigmoid_focal_loss_fwd.default
+    with torch.autocast(device, dtype=amp_dtype):
+        assert focal_cuda.sigmoid_focal_loss(x, labels).dtype == amp_dtype
+        total, _ = op(x, labels, None, None, 1.0, 0.25, 2.0, 1, -1, False)
+        elementwise, _ = op(x, labels, None, None, 1.0, 0.25, 2.0, 0, -1, False)
+    assert total.dtype == torch.float32 and elementwise.dtype == amp_dtype
+    expected = focal_cuda.reference.sigmoid_focal_loss(x.double(), labels, reduction="sum")
+    assert_close64(total, expected, rtol=2e-5)
+    # outside autocast: the logits' dtype, as torchvision returns it
+    assert focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum").dtype == amp_dtype
+
+
+def test_float16_sum_overflows_outside_autocast(device):
+    """Documented limit: without autocast a float16 sum comes back in float16, whose range ends at
+    65504; the float32 accumulation is exact, the result is not representable. The gradient is fine."""
+    x = torch.full((4000, 80), 3.0, device=device).half().requires_grad_()
+    labels = torch.full((4000,), 80, device=device)  # all background: loss ~0.75 * 0.9^2 * 3.05 each
+    loss = focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum")
+    assert loss.dtype == torch.float16 and torch.isinf(loss)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    with torch.autocast(device, dtype=torch.float16):
+        loss32 = focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum")
+    assert loss32.dtype == torch.float32 and torch.isfinite(loss32)

@@ -77,6 +77,81 @@ def test_anchor_labels_mapping():
     assert labels[1].tolist() == [6, -2, 6]
 
 
+def test_patched_retinanet_saves_loads_and_trains(tmp_path):
+    """Whole-model checkpoints: a patched model saves with torch.save and pickle, loads back patched,
+    and trains to the same loss as the model it was saved from."""
+    import copy
+    import pickle
+
+    C = 7
+    model = fc_tv.patch_retinanet(_small_retinanet(C))
+    model.train()
+    images, targets = _synthetic_batch(C)
+    loss, _ = _cls_loss_and_grads(model, images, targets)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    clones = [torch.load(path, weights_only=False), pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+    for clone in clones:
+        assert fc_tv.is_patched(clone)
+        assert clone.head.classification_head.compute_loss.head is clone.head.classification_head
+        clone_loss, grads = _cls_loss_and_grads(clone, images, targets)
+        assert_close64(clone_loss, loss.double(), rtol=1e-6)
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        fc_tv.unpatch_retinanet(clone)  # and it unpatches to the stock head
+        assert not fc_tv.is_patched(clone)
+        stock_loss, _ = _cls_loss_and_grads(clone, images, targets)
+        assert_close64(stock_loss, loss.double(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [7, 8, -1])
+def test_patched_retinanet_rejects_a_bad_box_label(device, bad):
+    """A box label outside 0..C-1 (label C, the common off-by-one, would read as background) raises
+    an error naming the image, the box, its label and the range, where checking needs no host sync
+    (CPU) or where validate=True; on a GPU without validate it makes the loss NaN instead."""
+    C = 7
+    model = fc_tv.patch_retinanet(_small_retinanet(C)).to(device)
+    model.train()
+    images, targets = _synthetic_batch(C)
+    targets[0]["labels"][1] = bad
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    message = rf"targets\[0\]\['labels'\]\[1\] = {bad}: a box label must be a class index in 0..6 .*num_classes=7"
+    if device == "cpu":
+        with pytest.raises(ValueError, match=message):
+            model(images, targets)
+    else:
+        losses = model(images, targets)
+        assert torch.isnan(losses["classification"])
+    fc_tv.patch_retinanet(model, validate=True)
+    with pytest.raises(ValueError, match=message):
+        model(images, targets)
+
+
+def test_patched_retinanet_under_autocast_matches_stock():
+    """Under autocast the stock head's loss is float32 (torchvision's sigmoid_focal_loss): so is the
+    patched head's, and it is the float64 value of the stock formula on the same bfloat16 logits to
+    float32 accuracy (a bfloat16 result would be ~1e-3 off; the stock head's own bfloat16 sigmoid
+    and powers leave it about that far off too)."""
+    C = 7
+    model = _small_retinanet(C)
+    model.train()
+    images, targets = _synthetic_batch(C)
+    head = model.head.classification_head
+    seen = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = model(images, targets)["classification"]
+        with fc_tv.patched_retinanet(model):
+            fused_compute_loss = head.compute_loss
+            head.compute_loss = lambda *args: (seen.setdefault("args", args), fused_compute_loss(*args))[1]
+            fused = model(images, targets)["classification"]
+    assert stock.dtype == fused.dtype == torch.float32
+    tgts, head_outputs, matched = seen["args"]
+    assert head_outputs["cls_logits"].dtype == torch.bfloat16
+    exact = type(head).compute_loss(head, tgts, {"cls_logits": head_outputs["cls_logits"].detach().double()}, matched)
+    assert_close64(fused, exact, rtol=1e-5)
+    assert_close64(stock, exact, rtol=3e-3)
+
+
 def test_patch_rejects_other_models():
     with pytest.raises(TypeError, match="RetinaNet"):
         fc_tv.patch_retinanet(torch.nn.Linear(2, 2))
@@ -148,7 +223,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, feats, labels, state, out_path):
+def _ddp_worker(rank, world, port, feats, labels, state, out_path, recipe):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -164,7 +239,10 @@ def _ddp_worker(rank, world, port, feats, labels, state, out_path):
     # as detectors do: the positive count all-reduced (a device tensor, no host sync), averaged over ranks
     num_pos = ((lab >= 0) & (lab < 12)).sum().float()
     dist.all_reduce(num_pos)
-    normalizer = (num_pos / world).clamp_min(1.0)
+    if recipe == "documented":
+        normalizer = num_pos.clamp_min(1.0) / world
+    else:  # what the documentation once said: wrong when the batch has fewer positives than ranks
+        normalizer = (num_pos / world).clamp_min(1.0)
     loss = focal_cuda.sigmoid_focal_loss(model(f), lab, reduction="sum", normalizer=normalizer)
     loss.backward()  # DDP averages the gradients over ranks
     if rank == 0:
@@ -172,19 +250,33 @@ def _ddp_worker(rank, world, port, feats, labels, state, out_path):
     dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+def _ddp_gradients(tmp_path, feats, labels, head, recipe):
     import torch.multiprocessing as mp
 
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    out = str(tmp_path / f"grads-{recipe}.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), feats, labels, state, out, recipe), nprocs=2, join=True)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("positives", ["many", "one"])
+def test_ddp_gradients_equal_single_process(tmp_path, positives):
+    """The README's recipe, num_pos.clamp_min(1) / world_size, gives one process's gradient on the
+    whole batch; also with a single positive in the global batch (fewer than ranks), where the old
+    (num_pos / world_size).clamp_min(1) gave half of it."""
     g = torch.Generator().manual_seed(5)
     feats = torch.randn(64, 20, 16, generator=g)
     labels = torch.randint(-1, 13, (64, 20), generator=g)  # -1 ignored, 12 background
+    if positives == "one":
+        labels = torch.where(labels < 12, torch.full_like(labels, 12), labels)
+        labels[40, 3] = 5  # on the second rank
     head = torch.nn.Linear(16, 12)
-    state = {k: v.clone() for k, v in head.state_dict().items()}
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), feats, labels, state, out), nprocs=2, join=True)
-    ddp = torch.load(out)
+    ddp = _ddp_gradients(tmp_path, feats, labels, head, "documented")
 
     num_pos = ((labels >= 0) & (labels < 12)).sum().float().clamp_min(1.0)
     focal_cuda.sigmoid_focal_loss(head(feats), labels, reduction="sum", normalizer=num_pos).backward()
     assert_close64(ddp["weight"], head.weight.grad.double(), rtol=1e-5, atol=1e-7)
     assert_close64(ddp["bias"], head.bias.grad.double(), rtol=1e-5, atol=1e-7)
+    if positives == "one":  # the old recipe is off by the number of ranks here
+        old = _ddp_gradients(tmp_path, feats, labels, head, "old")
+        assert_close64(old["bias"] * 2, head.bias.grad.double(), rtol=1e-5, atol=1e-7)

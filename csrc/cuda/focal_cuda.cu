@@ -616,11 +616,12 @@ __global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRo
   write_block_partial(p, sum, partials);
 }
 
-// One block adds the partials in a fixed order and writes sum * factor.
+// One block adds the partials in a fixed order and writes sum * factor, in the
+// input's type, or in the compute type where p.acc_loss asks for it.
 template <class scalar_t>
 __global__ void __launch_bounds__(kThreads) focal_finalize_kernel(const FocalParams p,
                                                                   const double* __restrict__ partials,
-                                                                  int64_t nblocks, scalar_t* __restrict__ out) {
+                                                                  int64_t nblocks, void* __restrict__ out) {
   using acc_t = acc_type<scalar_t>;
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < nblocks; i += kThreads) s += partials[i];
@@ -628,7 +629,12 @@ __global__ void __launch_bounds__(kThreads) focal_finalize_kernel(const FocalPar
   __shared__ typename BlockReduce::TempStorage storage;
   const double total = BlockReduce(storage).Sum(s);
   if (threadIdx.x == 0) {
-    *out = static_cast<scalar_t>(static_cast<acc_t>(total) * load_factor<acc_t>(p, static_cast<acc_t>(p.scale)));
+    const acc_t value = static_cast<acc_t>(total) * load_factor<acc_t>(p, static_cast<acc_t>(p.scale));
+    if (p.acc_loss) {
+      *static_cast<acc_t*>(out) = value;
+    } else {
+      *static_cast<scalar_t*>(out) = static_cast<scalar_t>(value);
+    }
   }
 }
 
@@ -846,7 +852,7 @@ void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.reduction == Reduction::Sum) {
       focal_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(p, static_cast<const double*>(partials), nblocks,
-                                                                  static_cast<scalar_t*>(out));
+                                                                  out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -14,7 +14,8 @@ int64_t forward_num_blocks(const FocalParams& p, int device);
 
 // Fused forward: writes p.grad (if set), p.loss (Reduction::None) or, for
 // Reduction::Sum, the partial sums into `partials` (nblocks float64 values)
-// and then the scaled total into `out` (a 0-d tensor of the input's dtype).
+// and then the scaled total into `out` (a 0-d tensor of the input's dtype, or of
+// the compute type where p.acc_loss is set).
 // Runs on the current stream of `device`; never synchronises.
 void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, void* out);
 

@@ -21,7 +21,6 @@ possible with a custom one) fall back to one fused call per image.
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Dict, List
 
 import torch
@@ -49,14 +48,41 @@ def anchor_labels(targets: List[Dict[str, torch.Tensor]], matched_idxs: List[tor
     return out
 
 
-def classification_loss(head, targets, head_outputs, matched_idxs):
-    """Drop-in for RetinaNetClassificationHead.compute_loss (same value and gradients)."""
+def check_box_labels(targets: List[Dict[str, torch.Tensor]], num_classes: int, validate: bool = False):
+    """Box labels outside ``0..num_classes-1`` (label ``num_classes`` would otherwise read as
+    background). On the CPU, or with ``validate=True`` (a host synchronisation on a GPU), raises a
+    ValueError naming the image, the box and its label. Otherwise returns a per-image bool tensor on
+    the device, True where an image holds a bad box: the caller turns that image's loss NaN."""
+    flags = []
+    for i, target in enumerate(targets):
+        gt = target["labels"]
+        bad = (gt < 0) | (gt >= num_classes)
+        if validate or gt.device.type == "cpu":
+            if bool(bad.any()):
+                j = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"targets[{i}]['labels'][{j}] = {int(gt[j])}: a box label must be a class index in "
+                    f"0..{num_classes - 1} (this RetinaNet has num_classes={num_classes})"
+                )
+        else:
+            flags.append(bad.any())
+    return torch.stack(flags) if flags else None
+
+
+def classification_loss(head, targets, head_outputs, matched_idxs, validate: bool = False):
+    """Drop-in for RetinaNetClassificationHead.compute_loss (same value and gradients).
+
+    A box label outside ``0..C-1`` raises a ValueError on the CPU (and on a GPU with
+    ``validate=True``); on a GPU it otherwise makes the loss NaN (no host synchronisation)."""
     cls_logits = head_outputs["cls_logits"]  # [B, A, C]
     num_images, _, num_classes = cls_logits.shape
+    bad_images = check_box_labels(targets, num_classes, validate)
     labels = anchor_labels(targets, matched_idxs, num_classes)
     # per-image normaliser, kept on the device: 1 / (B * max(1, foreground count))
     num_fg = torch.stack([(m >= 0).sum() for m in matched_idxs]).clamp_min(1)
     per_image = 1.0 / (num_fg.to(torch.float32) * num_images)
+    if bad_images is not None:
+        per_image = torch.where(bad_images, torch.full_like(per_image, float("nan")), per_image)
     if all(lab.shape[0] == cls_logits.shape[1] for lab in labels):
         # per-anchor layout [B, A, 1] (B*A floats): its rows merge with the logits' into one row
         # index, which keeps the kernels on their contiguous (vectorised) path; a [B, 1, 1] view
@@ -71,13 +97,29 @@ def classification_loss(head, targets, head_outputs, matched_idxs):
     return total
 
 
-def patch_retinanet(model):
-    """Make ``model`` (a torchvision RetinaNet) compute its classification loss with focal_cuda. Returns it."""
+class _FusedComputeLoss:
+    """A patched head's ``compute_loss``: a callable bound to its head. Unlike a bound method of a
+    module-level function (which pickles as ``getattr(head, its name)``, an attribute a loaded head
+    does not have), it pickles and deep-copies with the model."""
+
+    def __init__(self, head, validate: bool):
+        self.head = head
+        self.validate = validate
+
+    def __call__(self, targets, head_outputs, matched_idxs):
+        return classification_loss(self.head, targets, head_outputs, matched_idxs, validate=self.validate)
+
+
+def patch_retinanet(model, validate: bool = False):
+    """Make ``model`` (a torchvision RetinaNet) compute its classification loss with focal_cuda. Returns it.
+
+    validate: on a GPU, check the box labels with a host synchronisation and raise on a bad one
+    (without it, a bad label makes the loss NaN there; on the CPU it always raises)."""
     head = _classification_head(model)
     if not hasattr(head, _ORIGINAL):
         # the instance's own override if it had one, else None (the class's method applies)
         setattr(head, _ORIGINAL, head.__dict__.get("compute_loss"))
-        head.compute_loss = types.MethodType(classification_loss, head)
+    head.compute_loss = _FusedComputeLoss(head, bool(validate))
     return model
 
 
@@ -95,9 +137,9 @@ def unpatch_retinanet(model):
 
 
 @contextlib.contextmanager
-def patched_retinanet(model):
+def patched_retinanet(model, validate: bool = False):
     """Context manager: ``with patched_retinanet(model): loss = model(images, targets)``."""
-    patch_retinanet(model)
+    patch_retinanet(model, validate)
     try:
         yield model
     finally:

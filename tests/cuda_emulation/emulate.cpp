@@ -89,7 +89,8 @@ ScalarKind kind_of(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input, at::Tensor targets,
                                                                  std::optional<at::Tensor> weight, double alpha, double gamma,
                                                          int64_t ignore_index, bool sum, bool want_grad, double scale,
-                                                         std::optional<at::Tensor> divisor, int64_t grid) {
+                                                         std::optional<at::Tensor> divisor, int64_t grid,
+                                                         bool acc_loss) {
   TORCH_CHECK(input.dim() == 2 && input.is_contiguous() && targets.is_contiguous(), "emulate: contiguous [rows, C]");
   const bool labels = !targets.is_floating_point();
   FocalParams p;
@@ -114,7 +115,9 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input
   p.num_classes = p.cols;
   p.ignore_index = ignore_index;
   p.contiguous = true;
-  auto loss = sum ? at::zeros({}, input.options()) : at::empty_like(input);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = sum ? at::zeros({}, input.options().dtype(acc_loss ? acc : input.scalar_type())) : at::empty_like(input);
+  p.acc_loss = sum && acc_loss;
   auto grad = want_grad ? at::empty_like(input) : at::empty({0}, input.options());
   p.loss = sum ? nullptr : loss.data_ptr();
   p.grad = want_grad ? grad.data_ptr() : nullptr;
@@ -143,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(at::Tensor input
     launch(l.kernel, grid, p, make_consts<acc_type<scalar_t>>(p), l.vectorized, partials.data());
     if (sum) {
       launch(focal_finalize_kernel<scalar_t>, 1, p, static_cast<const double*>(partials.data()), grid,
-             static_cast<scalar_t*>(loss.data_ptr()));
+             loss.data_ptr());
     }
   });
   return {loss, grad, chosen};
