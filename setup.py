@@ -14,6 +14,8 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST       GPU architectures (default "8.0;9.0+PTX").
   CUDA_HOME                  CUDA toolkit root; found from nvcc when unset.
   MAX_JOBS                   parallel compile jobs (default 2).
+  FOCAL_CUDA_TUNING          CUDA kernel knobs of csrc/cuda/tuning.h, e.g. "LABEL_ROWS=0 ROW_PACKS_F32=1"
+                             (each becomes -DFOCAL_CUDA_<NAME>=<value>; unknown names are an error).
 """
 
 import os
@@ -27,7 +29,8 @@ import sysconfig
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+with open(os.path.join(ROOT, "focal_cuda", "version.py")) as _f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', _f.read(), re.M).group(1)
 
 
 def _flag(name):
@@ -38,6 +41,21 @@ def _is_toolkit(path):
     return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and (
         os.path.isfile(os.path.join(path, "bin", "nvcc"))
     )
+
+
+def tuning_defines(text):
+    """FOCAL_CUDA_TUNING ("NAME=value ...") as [("FOCAL_CUDA_NAME", "value")], checked against the
+    knobs csrc/cuda/tuning.h declares: a misspelt knob fails the build instead of changing nothing."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "tuning.h")) as f:
+        known = set(re.findall(r"^#ifndef FOCAL_CUDA_(\w+)$", f.read(), re.M))
+    out = []
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep or name not in known or not re.fullmatch(r"-?\d+", value):
+            sys.exit(f"setup.py: FOCAL_CUDA_TUNING: expected NAME=<integer> with NAME one of "
+                     f"{', '.join(sorted(known))}; got {item!r}")
+        out.append((f"FOCAL_CUDA_{name}", value))
+    return out
 
 
 def find_cuda_home():
@@ -129,7 +147,14 @@ def torch_libstdcxx():
 stdcxx_flags = torch_libstdcxx()
 link_flags += stdcxx_flags
 sources = ["csrc/focal_op.cpp", "csrc/cpu/focal_cpu_default.cpp"]
-define_macros = [("FOCAL_CUDA_ARCHS", f'"{archs}"')]
+tuning = " ".join(os.environ.get("FOCAL_CUDA_TUNING", "").split())
+tuning_macros = tuning_defines(tuning)  # checked even where no CUDA is built
+tuning = tuning if with_cuda else ""
+define_macros = [("FOCAL_CUDA_ARCHS", f'"{archs}"'), ("FOCAL_CUDA_TUNING", f'"{tuning}"')]
+if with_cuda:
+    define_macros += tuning_macros
+if tuning:
+    print(f"focal_cuda setup: CUDA tuning knobs {tuning}", flush=True)
 
 if with_cuda:
     sources.append("csrc/cuda/focal_cuda.cu")

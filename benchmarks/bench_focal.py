@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import focal_cuda  # noqa: E402
+from focal_cuda._results import cpu_model, run_dir_name  # noqa: E402
 from focal_cuda.reference import focal_terms  # noqa: E402
 
 try:
@@ -118,16 +118,6 @@ def git_commit() -> str:
     return os.environ.get("FOCAL_CUDA_COMMIT", "unknown")  # a copy of the tree without .git (a lent GPU)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_model()}",
@@ -146,14 +136,6 @@ def machine_info(device: torch.device) -> dict:
         info.update(sm_count=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     capability=f"{props.major}.{props.minor}", driver_cuda=torch.version.cuda)
     return info
-
-
-def machine_slug(info: dict, device: torch.device) -> str:
-    if device.type == "cuda":
-        name = info["device"]
-    else:
-        name = f"cpu-{info['cpu']}-{info['threads']}t"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -554,7 +536,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--cases", default="", help="only cases whose label contains this text")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--name", default=None, help="results file stem (default <date>-<machine>)")
+    ap.add_argument("--name", default=None,
+                    help="the run's folder under --out (default <date>-<machine>); it gets bench.json/.md/.png")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
 
@@ -575,8 +558,8 @@ def main(argv=None) -> int:
         print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     log(f"{preset_name} preset on {info['device']}: {len(cases)} cases, {reps} reps (median), {warmup} warm-up")
-    os.makedirs(args.out, exist_ok=True)
-    stem = args.name or f"{datetime.date.today().isoformat()}-{machine_slug(info, device)}"
+    run_dir = os.path.join(args.out, args.name or run_dir_name(device))
+    os.makedirs(run_dir, exist_ok=True)
 
     def write(results, complete):
         # written after every case, so a run stopped part-way (a time limit) still leaves its results
@@ -585,9 +568,9 @@ def main(argv=None) -> int:
                    "complete": complete, "cases_planned": len(cases), "reps": reps, "warmup": warmup,
                    "alpha": ALPHA, "gamma": GAMMA, "machine": info, "wall_s": time.time() - start,
                    "results": results}
-        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        with open(os.path.join(run_dir, "bench.json"), "w") as f:
             json.dump(payload, f, indent=1)
-        with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        with open(os.path.join(run_dir, "bench.md"), "w") as f:
             note = "" if complete else f"(partial: {len(results)} of {len(cases)} cases)\n\n"
             f.write(f"# focal_cuda benchmark, {preset_name} preset, {payload['date']}\n\n{note}{table}\n")
         return table
@@ -603,8 +586,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     print(write(results, complete=True))
-    png = None if args.no_plot else plot(results, os.path.join(args.out, stem + ".png"))
-    log(f"wrote {os.path.join(args.out, stem)}.json/.md" + (f" and {png}" if png else ""))
+    png = None if args.no_plot else plot(results, os.path.join(run_dir, "bench.png"))
+    log(f"wrote {os.path.join(run_dir, 'bench')}.json/.md" + (f" and {png}" if png else ""))
     return 0
 
 

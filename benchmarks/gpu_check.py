@@ -2,16 +2,17 @@
 """One-command GPU check (``make gpu-check``) for a machine with a GPU and NO network.
 
 Uses the machine's own python3 and what it already has (torch, pytest, numpy, ninja, pybind11):
-no virtual environment, no downloads. Steps, each logged to benchmarks/results/gpu-check-logs/:
+no virtual environment, no downloads. Everything a run writes goes to its own folder,
+benchmarks/results/<date>-<gpu>/ (logs in its logs/). Steps:
 
   1. build the extension in place for this GPU's architecture (CUDA build enforced);
   2. run the whole test suite (CPU and CUDA parametrisations), counting passed/failed/skipped;
   3. run compute-sanitizer (memcheck and racecheck) over a small CUDA test subset;
   4. run the benchmark's --full sweep, then benchmarks/host_overhead.py (host time per call);
   (profile, only when named in --steps: Nsight Compute on the COCO batch-16 fp32 and bf16 kernels,
-     key metrics into the report, the full text in gpu-check-logs/);
-  5. write benchmarks/results/<date>-<gpu>.json (device, torch, cuda, commit, tests, sanitizer, bench)
-     and a short markdown summary beside it.
+     key metrics into the report, the full text in logs/);
+  5. write check.json (device, torch, cuda, commit, tests, sanitizer, bench) and a short markdown
+     summary, check.md, beside the benchmark's bench.json/.md.
 
 Exit status 0 only if the build succeeded, no test failed and the sanitizer found nothing.
 
@@ -37,7 +38,6 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-LOGS = os.path.join(RESULTS, "gpu-check-logs")
 SANITIZER_TESTS = [
     "tests/test_cuda.py::test_vector_scalar_strided_paths_agree",
     "tests/test_cuda.py::test_bad_labels_give_nan_and_context_survives",
@@ -50,9 +50,9 @@ SANITIZER_TESTS = [
 ]
 
 
-def run(cmd, log_name, env=None, timeout=None):
-    os.makedirs(LOGS, exist_ok=True)
-    path = os.path.join(LOGS, log_name)
+def run(cmd, path, env=None, timeout=None):
+    """Runs cmd in the tree, its output into the log file at path; returns (exit, seconds, path)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
     print(f"$ {' '.join(cmd)}  (log: {os.path.relpath(path, ROOT)})", flush=True)
     with open(path, "w") as log:
@@ -112,7 +112,9 @@ def main(argv=None) -> int:
     env["PYTHONUNBUFFERED"] = "1"
     report = {"device": gpu, "capability": f"{major}.{minor}", "torch": torch.__version__,
               "cuda": torch.version.cuda, "python": sys.version.split()[0], "date": datetime.date.today().isoformat()}
-    previous = os.path.join(RESULTS, report_stem(report) + ".json")
+    out_dir = os.path.join(RESULTS, report_stem(report))
+    logs = os.path.join(out_dir, "logs")
+    previous = os.path.join(out_dir, "check.json")
     if os.path.exists(previous):  # merge with earlier partial runs
         with open(previous) as f:
             report = {**json.load(f), **report}
@@ -125,12 +127,12 @@ def main(argv=None) -> int:
         except OSError:
             report["commit"] = "unknown"
 
-    rc, dt, _ = run([sys.executable, "setup.py", "build_ext", "--inplace"], "build.log", env)
+    rc, dt, _ = run([sys.executable, "setup.py", "build_ext", "--inplace"], os.path.join(logs, "build.log"), env)
     if "build" in steps or "build" not in report:
         report["build"] = {"ok": rc == 0, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
     if rc != 0:
         report["build"] = {"ok": False, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
-        return finish(report, ok=False)
+        return finish(report, out_dir, ok=False)
 
     info = subprocess.run([sys.executable, "-m", "focal_cuda"], cwd=ROOT, capture_output=True, text=True, env=env)
     try:
@@ -139,11 +141,11 @@ def main(argv=None) -> int:
         report["build_info"] = info.stdout + info.stderr
 
     if "test" in steps:
-        junit = os.path.join(LOGS, "tests.xml")
+        junit = os.path.join(logs, "tests.xml")
         if os.path.exists(junit):
             os.remove(junit)
         rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}",
-                         *shlex.split(args.test_args)], "tests.log", env, timeout=args.timeout)
+                         *shlex.split(args.test_args)], os.path.join(logs, "tests.log"), env, timeout=args.timeout)
         report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0,
                                                   "note": f"no junit report (pytest exit {rc})"}
         report["tests"]["seconds"] = round(dt)
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
             continue
         cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=99", "--target-processes=all",
                sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda", *SANITIZER_TESTS]
-        rc, dt, path = run(cmd, f"sanitizer-{tool}.log", env, timeout=args.timeout)
+        rc, dt, path = run(cmd, os.path.join(logs, f"sanitizer-{tool}.log"), env, timeout=args.timeout)
         with open(path) as f:
             text = f.read()
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
@@ -166,13 +168,13 @@ def main(argv=None) -> int:
         report["sanitizer"][tool] = {"exit": rc, "errors": errors, "seconds": round(dt)}
 
     if "profile" in steps:
-        report["profile"] = profile(env, args.timeout)
+        report["profile"] = profile(env, args.timeout, logs)
 
     if "bench" in steps:
-        bench_name = report_stem(report) + "-bench"
-        rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--name", bench_name,
-                         *shlex.split(args.bench_args)], "bench.log", env, timeout=args.timeout)
-        bench_json = os.path.join(RESULTS, bench_name + ".json")
+        rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--out", RESULTS, "--name",
+                         report_stem(report), *shlex.split(args.bench_args)], os.path.join(logs, "bench.log"), env,
+                        timeout=args.timeout)
+        bench_json = os.path.join(out_dir, "bench.json")
         if os.path.exists(bench_json):  # written after every case: a stopped run keeps what it measured
             with open(bench_json) as f:
                 bench = json.load(f)
@@ -181,9 +183,9 @@ def main(argv=None) -> int:
         else:
             report["bench"] = {"error": f"benchmark exited {rc} before its first case"}
         # host time per call on a tiny input (what bounds small batches), about 20 s
-        host_json = os.path.join(LOGS, "host-overhead.json")
+        host_json = os.path.join(out_dir, "host-overhead.json")
         rc, dt, _ = run([sys.executable, "benchmarks/host_overhead.py", "--device", "cuda", "--json", host_json],
-                        "host-overhead.log", env, timeout=args.timeout)
+                        os.path.join(logs, "host-overhead.log"), env, timeout=args.timeout)
         if rc == 0 and os.path.exists(host_json):
             with open(host_json) as f:
                 report["host_overhead_us"] = json.load(f)["us_per_call"]
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
     ok = ("tests" in report and report["tests"]["failed"] == 0 and all(
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
         for v in report["sanitizer"].values()))
-    return finish(report, ok)
+    return finish(report, out_dir, ok)
 
 
 NCU_METRICS = {  # Nsight Compute's metric name -> report key
@@ -235,7 +237,7 @@ def find_ncu():
     return None
 
 
-def profile(env, timeout) -> dict:
+def profile(env, timeout, logs) -> dict:
     """Nsight Compute on the first fused launch (forward+backward) of COCO batch 16, per dtype."""
     ncu = find_ncu()
     if not ncu:
@@ -247,7 +249,7 @@ def profile(env, timeout) -> dict:
                "--section", "ComputeWorkloadAnalysis", "--section", "MemoryWorkloadAnalysis", "--section",
                "Occupancy", "--section", "LaunchStats", "--section", "WarpStateStats", sys.executable,
                "benchmarks/tune_cuda.py", "--dtypes", dtype]
-        rc, _, path = run(cmd, f"ncu-{dtype}.log", env, timeout=timeout)
+        rc, _, path = run(cmd, os.path.join(logs, f"ncu-{dtype}.log"), env, timeout=timeout)
         with open(path) as f:
             kernels = parse_ncu(f.read())
         out[dtype] = kernels[0] if rc == 0 and kernels else {"error": f"ncu exited {rc}"}
@@ -271,11 +273,10 @@ def summarize(bench: dict) -> list:
     return rows
 
 
-def finish(report: dict, ok: bool) -> int:
+def finish(report: dict, out_dir: str, ok: bool) -> int:
     report["ok"] = bool(ok)
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = report_stem(report)
-    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "check.json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# GPU check {report['date']}: {report['device']}", "",
              f"torch {report['torch']}, CUDA {report['cuda']}, commit {report['commit']}, "
@@ -292,7 +293,7 @@ def finish(report: dict, ok: bool) -> int:
     if "host_overhead_us" in report:
         lines.append(f"host time per call, 4x5 input (us): {report['host_overhead_us']}")
     lines.append(f"\nresult: {'PASS' if ok else 'FAIL'}")
-    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+    with open(os.path.join(out_dir, "check.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if ok else 1

@@ -28,7 +28,7 @@ import focal_cuda  # noqa: E402
 from focal_cuda import _checks  # noqa: E402
 from focal_cuda.reference import focal_terms  # noqa: E402
 
-from bench_focal import cpu_model  # noqa: E402  (this script's own folder)
+from focal_cuda._results import cpu_model  # noqa: E402
 
 
 def per_call_us(fn, device, number=300, repeats=7, warmup=300):

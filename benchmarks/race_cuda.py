@@ -1,31 +1,28 @@
 #!/usr/bin/env python3
-"""Race kernel variants on one GPU in one call: the tree as it is against patched copies of it.
+"""Race builds of the CUDA kernels with different tuning knobs on one GPU, in one call.
 
-A tuning aid for sessions with little device time. Each variant is a copy of this tree with one
-patch from benchmarks/variants/ applied (``main`` is the tree unpatched); all variants are built at
-once (the device machine has many cores), then benchmarks/tune_cuda.py runs on each in turn, the
-variants interleaved round by round so that drift of the GPU's clocks hits them all alike.
-Each variant first passes the CUDA value tests of its kernels (part of test_cuda.py), or it is not
-timed (the variants build at once, then test at once). About 8 minutes on an H100 for five variants
-and two dtypes, estimated; --budget-s stops the timing rounds early rather than run past the
-device's 10 minutes per command, and --json is rewritten after every phase, so a call that is cut
-off still leaves what it measured.
+A variant is this tree built with a set of the knobs in csrc/cuda/tuning.h (FOCAL_CUDA_TUNING,
+read by setup.py); ``main`` is the tree as it is. All variants are built at once (a GPU host has
+many cores), then benchmarks/tune_cuda.py runs on each in turn, the variants interleaved round by
+round so that drift of the GPU's clocks hits them all alike. Each variant first passes the CUDA
+value tests of its kernels (part of test_cuda.py), or it is not timed. About 8 minutes on an
+H100 for five variants and two dtypes, estimated; --budget-s stops the timing rounds early rather
+than run past a 10-minute limit per command, and --json is rewritten after every phase, so a call
+that is cut off still leaves what it measured.
 
-    python3 benchmarks/race_cuda.py [--variants a.patch,b.patch] [--dtypes fp32,bf16] [--rounds 3]
-                                    [--json out.json]
+    python3 benchmarks/race_cuda.py [--variant NAME=KNOB=V,KNOB=V ...] [--dtypes fp32,bf16]
+                                    [--rounds 3] [--json out.json]
 
-Uses the machine's own python3 and what it has (torch, pytest, ninja, pybind11): no downloads.
-Prints one line per variant and dtype: the median over rounds of tune_cuda's forward+backward time
-and its percentage of the same round's device-to-device copy.
+Without --variant it races DEFAULT_VARIANTS. Uses the machine's own python3 and what it has (torch,
+pytest, ninja, pybind11): no downloads. Prints one line per variant and dtype: the median over
+rounds of tune_cuda's forward+backward time and its percentage of the same round's copy.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,40 +33,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("FOCAL_RACE_DIR", "/tmp/focal_race")
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "results", "__pycache__", ".dev", ".whl")
 
-
-def apply_patch(text: str, dest: str) -> None:
-    """Applies a unified diff (git diff's output, paths a/... b/...) under dest: each hunk's old
-    lines must appear in the file exactly once. (No dependence on git or patch being installed.)"""
-    files = re.split(r"^--- (?:a/)?\S+\n\+\+\+ b/(\S+)\n", text, flags=re.M)
-    for path, body in zip(files[1::2], files[2::2]):
-        target = os.path.join(dest, path)
-        with open(target) as f:
-            content = f.read()
-        for hunk in re.split(r"^@@[^\n]*@@[^\n]*\n", body, flags=re.M)[1:]:
-            old, new = [], []
-            for line in hunk.splitlines(keepends=True):
-                if line.startswith("diff --git") or line.startswith("index "):
-                    break
-                tag, rest = line[:1], line[1:]
-                if tag in (" ", "-"):
-                    old.append(rest)
-                if tag in (" ", "+"):
-                    new.append(rest)
-            before, after = "".join(old), "".join(new)
-            if content.count(before) != 1:
-                raise RuntimeError(f"{path}: a hunk's context is found {content.count(before)} times")
-            content = content.replace(before, after)
-        with open(target, "w") as f:
-            f.write(content)
+# What the race settles by default: the label-rows kernel against the general kernel, its packs per
+# step, and the cheaper log1p reciprocal.
+DEFAULT_VARIANTS = {
+    "label-rows-off": "LABEL_ROWS=0",
+    "row-packs-1": "ROW_PACKS_F32=1",
+    "row-packs-2": "ROW_PACKS_F16=2",
+    "log1p-no-newton": "LOG1P_NEWTON=0",
+}
 
 
-def make_variant(name: str, patch: str | None) -> str:
+def parse_variant(text: str) -> tuple[str, str]:
+    """'name=KNOB=V,KNOB=V' -> ('name', 'KNOB=V KNOB=V') (FOCAL_CUDA_TUNING's form)."""
+    name, sep, knobs = text.partition("=")
+    if not sep or not name or not knobs or any("=" not in k for k in knobs.split(",")):
+        raise argparse.ArgumentTypeError(f"--variant: expected NAME=KNOB=VALUE[,KNOB=VALUE...], got {text!r}")
+    return name, " ".join(knobs.split(","))
+
+
+def make_variant(name: str) -> str:
+    """A copy of this tree to build one variant in (each build in place, side by side)."""
     dest = os.path.join(WORK, name)
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(ROOT, dest, ignore=SKIP)
-    if patch:
-        with open(patch) as f:
-            apply_patch(f.read(), dest)
     return dest
 
 
@@ -95,8 +81,8 @@ def summarize(report: dict, rows: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default=None,
-                    help="comma-separated patch files (default: every benchmarks/variants/*.patch)")
+    ap.add_argument("--variant", action="append", type=parse_variant, default=None,
+                    help="NAME=KNOB=VALUE[,KNOB=VALUE...] (repeatable; default: DEFAULT_VARIANTS)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-test", action="store_true", help="time variants without their CUDA value tests")
@@ -111,24 +97,23 @@ def main(argv=None) -> int:
         print("race_cuda: no CUDA device", file=sys.stderr)
         return 2
     t0 = time.time()
-    patches = (args.variants.split(",") if args.variants
-               else sorted(glob.glob(os.path.join(ROOT, "benchmarks", "variants", "*.patch"))))
-    variants = {"main": make_variant("main", None)}
-    for patch in patches:
-        name = os.path.splitext(os.path.basename(patch))[0]
-        variants[name] = make_variant(name, os.path.abspath(patch))
+    knobs = {"main": ""}
+    knobs.update(dict(args.variant) if args.variant else DEFAULT_VARIANTS)
+    variants = {name: make_variant(name) for name in knobs}
 
     major, minor = torch.cuda.get_device_capability(0)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", FOCAL_CUDA_REQUIRE_CUDA="1",
                PYTHONUNBUFFERED="1")
     env["MAX_JOBS"] = str(max(1, (os.cpu_count() or 2) // len(variants)))
-    builds = {name: subprocess.Popen([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=d, env=env,
+    env.pop("FOCAL_CUDA_TUNING", None)
+    builds = {name: subprocess.Popen([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=d,
+                                     env=dict(env, FOCAL_CUDA_TUNING=knobs[name]),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for name, d in variants.items()}
     ok = {}
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "commit": os.environ.get("FOCAL_CUDA_COMMIT", ""), "variants": {name: {} for name in variants},
-              "complete": False}
+              "commit": os.environ.get("FOCAL_CUDA_COMMIT", ""),
+              "variants": {name: {"knobs": knobs[name]} for name in variants}, "complete": False}
     for name, proc in builds.items():
         out = proc.communicate()[0]
         ok[name] = proc.returncode == 0

@@ -27,6 +27,7 @@
 
 #include <cstdint>
 
+#include "cuda/tuning.h"
 #include "focal_params.h"
 
 namespace focal {
@@ -95,7 +96,22 @@ struct MathOps<float> {
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(u));
     return fmaf(r, fmaf(-u, r, 1.0f), r);
   }
+#if FOCAL_CUDA_LOG1P_NEWTON
   static __device__ __forceinline__ float log1p(float e) { return log1p_unit_poly(e); }
+#else
+  // (tuning.h) the polynomial's reciprocal from rcp.approx alone, without the Newton step
+  static __device__ __forceinline__ float log1p(float e) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(2.0f + e));
+    const float s = e * r;
+    const float z = s * s;
+    float q = fmaf(2.0f * kLog1pP4, z, 2.0f * kLog1pP3);
+    q = fmaf(q, z, 2.0f * kLog1pP2);
+    q = fmaf(q, z, 2.0f * kLog1pP1);
+    q = fmaf(q, z, 2.0f);
+    return s * q;
+  }
+#endif
 #else
   static FOCAL_HD float log1p(float x) { return ::log1pf(x); }
   static FOCAL_HD float recip_unit(float u) { return 1.0f / u; }  // 1/u, u in [1, 3]

@@ -32,6 +32,9 @@
 #ifndef FOCAL_CUDA_ARCHS
 #define FOCAL_CUDA_ARCHS ""
 #endif
+#ifndef FOCAL_CUDA_TUNING
+#define FOCAL_CUDA_TUNING ""
+#endif
 
 namespace focal {
 namespace {
@@ -486,6 +489,7 @@ pybind11::dict build_info() {
   d["cuda"] = false;
 #endif
   d["cuda_archs"] = std::string(FOCAL_CUDA_ARCHS);
+  d["cuda_tuning"] = std::string(FOCAL_CUDA_TUNING);
 #ifdef _OPENMP
   d["openmp"] = true;
 #else

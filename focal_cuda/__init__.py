@@ -12,8 +12,8 @@ from . import ops  # noqa: F401  (fake implementations and autograd registration
 from . import reference  # noqa: F401
 from .functional import sigmoid_focal_loss
 from .modules import SigmoidFocalLoss
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "sigmoid_focal_loss",
@@ -60,6 +60,7 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_kernels": info.pop("cuda"),
         "cuda_archs": [a for a in archs.split(";") if a] if archs else [],
+        "cuda_tuning": info.pop("cuda_tuning"),
         "cuda_available": torch.cuda.is_available(),
         "cpu_kernel": info.pop("cpu_kernel"),
         "cpu_kernels_available": _cpu_isa.available(),

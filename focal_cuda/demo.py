@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from ._results import default_run_dir
 from .integrations.torchvision import patch_retinanet
 
 CLASSES = ("box", "disc", "cross")
@@ -184,9 +185,12 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=os.path.join("benchmarks", "results", "demo_retinanet"))
+    ap.add_argument("--out", default=None,
+                    help="path stem of the .json/.png (default benchmarks/results/<date>-<machine>/demo_retinanet)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.out is None:
+        args.out = os.path.join(default_run_dir(device), "demo_retinanet")
 
     base = build_model(args.size)
     stock = copy.deepcopy(base)

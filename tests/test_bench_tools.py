@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_check  # noqa: E402
 
-REPORT = os.path.join(ROOT, "benchmarks", "results", "h100-tuning", "2026-11-23-ncu-coco-b16.txt")
+REPORT = os.path.join(ROOT, "benchmarks", "results", "2026-11-23-nvidia-h100-80gb-hbm3", "tuning",
+                      "2026-11-23-ncu-coco-b16.txt")
 
 
 def test_parse_ncu_reads_each_kernel_and_its_metrics():
@@ -34,39 +35,29 @@ def test_parse_ncu_ignores_text_without_kernels():
     assert gpu_check.parse_ncu("==PROF== Disconnected\n    Duration   us   12.5\n") == []
 
 
-VARIANTS = sorted(
-    os.path.join(ROOT, "benchmarks", "variants", f)
-    for f in os.listdir(os.path.join(ROOT, "benchmarks", "variants"))
-    if f.endswith(".patch")
-)
-
-
-@pytest.mark.parametrize("patch", VARIANTS, ids=os.path.basename)
-def test_variant_patches_apply_to_this_tree(patch, tmp_path, monkeypatch):
-    """Each kernel variant that race_cuda.py races must still apply here (regenerate or delete it
-    when the kernel moves on), and must change what it says it changes."""
+def test_race_variant_arguments_become_tuning_knobs():
     import race_cuda
 
-    monkeypatch.setattr(race_cuda, "WORK", str(tmp_path))
-    dest = race_cuda.make_variant("v", patch)
-    with open(patch) as f:
-        text = f.read()
-    changed = [line.split(" b/")[-1] for line in text.splitlines() if line.startswith("diff --git")]
-    assert changed
-    for rel in changed:
-        with open(os.path.join(ROOT, rel)) as a, open(os.path.join(dest, rel)) as b:
-            assert a.read() != b.read(), rel
+    assert race_cuda.parse_variant("rows=LABEL_ROWS=0,ROW_PACKS_F32=1") == ("rows", "LABEL_ROWS=0 ROW_PACKS_F32=1")
+    for bad in ("rows", "rows=", "=LABEL_ROWS=0", "rows=LABEL_ROWS"):
+        with pytest.raises(Exception, match="--variant"):
+            race_cuda.parse_variant(bad)
+    # every default variant names knobs that tuning.h declares (setup.py would refuse others)
+    with open(os.path.join(ROOT, "csrc", "cuda", "tuning.h")) as f:
+        header = f.read()
+    for knobs in race_cuda.DEFAULT_VARIANTS.values():
+        for item in knobs.split():
+            assert f"#ifndef FOCAL_CUDA_{item.split('=')[0]}\n" in header, item
 
 
-def test_apply_patch_refuses_a_hunk_that_does_not_match(tmp_path):
-    import race_cuda
+def test_setup_refuses_an_unknown_tuning_knob():
+    """A misspelt knob must fail the build, not build the default kernel under a variant's name."""
+    import subprocess
 
-    (tmp_path / "f.txt").write_text("one\ntwo\nthree\n")
-    good = "--- a/f.txt\n+++ b/f.txt\n@@ -1,3 +1,3 @@\n one\n-two\n+2\n three\n"
-    race_cuda.apply_patch(good, str(tmp_path))
-    assert (tmp_path / "f.txt").read_text() == "one\n2\nthree\n"
-    with pytest.raises(RuntimeError, match="found 0 times"):
-        race_cuda.apply_patch(good, str(tmp_path))  # "two" is gone now
+    env = dict(os.environ, FOCAL_CUDA_TUNING="LABEL_ROW=0")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "FOCAL_CUDA_TUNING" in proc.stderr and "LABEL_ROWS" in proc.stderr and "'LABEL_ROW=0'" in proc.stderr
 
 
 class _FakeProc:
@@ -80,7 +71,7 @@ class _FakeProc:
 
 def _fake_race(monkeypatch, tmp_path, failing_tests=(), tune_seconds=60.0):
     """race_cuda's orchestration on the CPU: builds, tests and tune_cuda replaced by fakes that
-    advance a fake clock; tune_cuda 'measures' 1.0 ms + 0.1 ms per round (+1 ms for the patch)."""
+    advance a fake clock; tune_cuda 'measures' 1.0 ms + 0.1 ms per round (+1 ms off main)."""
     import torch
 
     import race_cuda
@@ -92,8 +83,10 @@ def _fake_race(monkeypatch, tmp_path, failing_tests=(), tune_seconds=60.0):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
 
-    def popen(cmd, cwd, **kw):
+    def popen(cmd, cwd, env=None, **kw):
         name = os.path.basename(cwd)
+        if "setup.py" in cmd:
+            clock.setdefault("built", {})[name] = env["FOCAL_CUDA_TUNING"]
         if "pytest" in cmd:
             failing = name in failing_tests
             return _FakeProc(1 if failing else 0, "F\n1 failed" if failing else "....\n4 passed")
@@ -115,36 +108,40 @@ def _fake_race(monkeypatch, tmp_path, failing_tests=(), tune_seconds=60.0):
     return race_cuda, clock
 
 
-PATCH = VARIANTS[0] if VARIANTS else None
-
-
-@pytest.mark.skipif(PATCH is None, reason="no variant patch in benchmarks/variants")
 def test_race_stops_rounds_at_the_budget_and_keeps_its_report(tmp_path, monkeypatch):
     race_cuda, clock = _fake_race(monkeypatch, tmp_path)
     out = tmp_path / "race.json"
     # two variants x 60 s a round: after round 2 the clock is at +240 s, and a third would end at 360 > 300
-    rc = race_cuda.main(["--variants", PATCH, "--rounds", "5", "--budget-s", "300", "--json", str(out)])
+    rc = race_cuda.main(["--variant", "rows-off=LABEL_ROWS=0", "--rounds", "5", "--budget-s", "300",
+                         "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["rounds"] == 2 and report["complete"] is False
-    assert clock["tunes"] == {"main": 2, os.path.splitext(os.path.basename(PATCH))[0]: 2}
+    assert clock["tunes"] == {"main": 2, "rows-off": 2}
+    assert clock["built"] == {"main": "", "rows-off": "LABEL_ROWS=0"}  # each tree built with its knobs
     main = report["variants"]["main"]
-    assert main["build"] == "ok" and main["tests"] == "4 passed"
+    assert main["build"] == "ok" and main["tests"] == "4 passed" and main["knobs"] == ""
     assert main["fp32"]["fwdbwd_ms"] == pytest.approx(1.05)  # median of 1.0 and 1.1
     assert len(main["bf16"]["rounds"]) == 2
+    assert report["variants"]["rows-off"]["fp32"]["fwdbwd_ms"] == pytest.approx(2.05)
 
 
-@pytest.mark.skipif(PATCH is None, reason="no variant patch in benchmarks/variants")
 def test_race_does_not_time_a_variant_whose_tests_fail(tmp_path, monkeypatch):
-    name = os.path.splitext(os.path.basename(PATCH))[0]
-    race_cuda, clock = _fake_race(monkeypatch, tmp_path, failing_tests=(name,))
+    race_cuda, clock = _fake_race(monkeypatch, tmp_path, failing_tests=("packs",))
     out = tmp_path / "race.json"
-    rc = race_cuda.main(["--variants", PATCH, "--rounds", "2", "--json", str(out)])
+    rc = race_cuda.main(["--variant", "packs=ROW_PACKS_F32=1,ROW_PACKS_F16=2", "--rounds", "2", "--json", str(out)])
     assert rc == 1
     report = json.loads(out.read_text())
     assert report["complete"] is True and report["rounds"] == 2
-    assert report["variants"][name] == {"build": "ok", "tests": "1 failed"}
+    assert report["variants"]["packs"] == {"knobs": "ROW_PACKS_F32=1 ROW_PACKS_F16=2", "build": "ok",
+                                           "tests": "1 failed"}
     assert clock["tunes"] == {"main": 2}
+
+
+def test_race_defaults_to_its_default_variants(tmp_path, monkeypatch):
+    race_cuda, clock = _fake_race(monkeypatch, tmp_path)
+    assert race_cuda.main(["--rounds", "1", "--no-test"]) == 0
+    assert clock["built"] == {"main": "", **race_cuda.DEFAULT_VARIANTS}
 
 
 def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
@@ -153,9 +150,8 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
     must count them, merge them, and pass or fail on them."""
     import torch
 
-    results, logs = tmp_path / "results", tmp_path / "results" / "logs"
+    results = tmp_path / "results"
     monkeypatch.setattr(gpu_check, "RESULTS", str(results))
-    monkeypatch.setattr(gpu_check, "LOGS", str(logs))
     monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: "/fake/compute-sanitizer")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -165,10 +161,10 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
     racecheck_errors = {"n": 0}
     test_failures = {"n": 1}
 
-    def fake_run(cmd, log_name, env=None, timeout=None):
+    def fake_run(cmd, path, env=None, timeout=None):
+        log_name = os.path.basename(path)
         ran.append(log_name)
-        os.makedirs(logs, exist_ok=True)
-        path = os.path.join(logs, log_name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         text = ""
         if log_name == "tests.log":
             junit = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
@@ -179,11 +175,12 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
             n = racecheck_errors["n"] if "racecheck" in log_name else 0
             text = f"========= ERROR SUMMARY: {n} errors\n"
         elif log_name == "bench.log":
-            name = cmd[cmd.index("--name") + 1]
+            run_dir = os.path.join(cmd[cmd.index("--out") + 1], cmd[cmd.index("--name") + 1])
             case = {"case": {"label": "coco b16"}, "copy": {"gbps": 3000.0},
                     "variants": {"fused_labels": {"fwdbwd_ms": 0.8, "pct_copy": 85.0, "x_vs_best_compile": 2.1,
                                                   "x_vs_eager_dense": 35.0}}}
-            with open(os.path.join(results, name + ".json"), "w") as f:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "bench.json"), "w") as f:
                 json.dump({"complete": True, "results": [case]}, f)
         elif log_name == "host-overhead.log":
             with open(cmd[cmd.index("--json") + 1], "w") as f:
@@ -195,7 +192,8 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "run", fake_run)
     assert gpu_check.main([]) == 1  # one test failed
     stem = gpu_check.report_stem({"date": __import__("datetime").date.today().isoformat(), "device": "Fake GPU 80GB"})
-    report = json.loads((results / f"{stem}.json").read_text())
+    report = json.loads((results / stem / "check.json").read_text())
+    assert (results / stem / "logs" / "tests.log").exists() and (results / stem / "bench.json").exists()
     assert ran == ["build.log", "tests.log", "sanitizer-memcheck.log", "sanitizer-racecheck.log", "bench.log",
                    "host-overhead.log"]
     assert report["commit"] == "abc1234" and report["device"] == "Fake GPU 80GB"
@@ -204,17 +202,17 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
     assert report["bench"]["complete"] is True and report["bench"]["summary"][0]["pct_copy"] == 85.0
     assert report["host_overhead_us"] == {"focal_cuda fwd+bwd": 120.0}
     assert report["ok"] is False
-    assert "result: FAIL" in (results / f"{stem}.md").read_text()
+    assert "result: FAIL" in (results / stem / "check.md").read_text()
 
     # later calls with some steps only: merged into the same report
     test_failures["n"] = 0
     assert gpu_check.main(["--steps", "build,test"]) == 0  # the failure fixed; the sanitizer's results kept
-    report = json.loads((results / f"{stem}.json").read_text())
+    report = json.loads((results / stem / "check.json").read_text())
     assert report["ok"] is True and report["tests"]["failed"] == 0
     assert report["bench"]["summary"][0]["case"] == "coco b16"  # kept from the first call
     racecheck_errors["n"] = 3
     assert gpu_check.main(["--steps", "sanitize"]) == 1  # racecheck errors fail the check
-    report = json.loads((results / f"{stem}.json").read_text())
+    report = json.loads((results / stem / "check.json").read_text())
     assert report["sanitizer"]["racecheck"]["errors"] == 3 and report["ok"] is False
 
 

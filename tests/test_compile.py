@@ -9,7 +9,7 @@ import torch
 from torch.library import opcheck
 
 import focal_cuda
-from conftest import assert_close64, make_targets
+from helpers import assert_close64, make_targets
 
 FWD = torch.ops.focal_cuda.sigmoid_focal_loss_fwd.default
 SCALE = torch.ops.focal_cuda.scale_grad_.default

@@ -8,7 +8,7 @@ import torch
 
 import focal_cuda
 from focal_cuda import _C
-from conftest import assert_close64, reference_loss_and_grad
+from helpers import assert_close64, reference_loss_and_grad
 
 MIN_BYTES = _C._cpu_grad_cache_info()["min_bytes"]
 

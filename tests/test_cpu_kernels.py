@@ -8,7 +8,7 @@ import torch
 
 import focal_cuda
 from focal_cuda import _cpu_isa
-from conftest import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
+from helpers import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
 
 
 def test_kernel_selection_reported(cpu_kernel):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import focal_cuda
-from conftest import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
+from helpers import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

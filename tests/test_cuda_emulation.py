@@ -23,31 +23,52 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
 
 
-@pytest.fixture(scope="module")
-def emu():
+def build_emulation(name: str, defines=()):
     from torch.utils import cpp_extension
 
     # FOCAL_EMULATION_ASAN=1 (`make test-emulation-asan`): built with AddressSanitizer, so that a
     # kernel's read or write outside the tensors aborts the run with a report
     asan = os.environ.get("FOCAL_EMULATION_ASAN") == "1"
     flags = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
-    build = os.path.join(ROOT, "build", "cuda_emulation" + ("_asan" if asan else ""))
+    name = name + ("_asan" if asan else "")
+    build = os.path.join(ROOT, "build", name)
     os.makedirs(build, exist_ok=True)
     return cpp_extension.load(
-        name="focal_cuda_emulation" + ("_asan" if asan else ""),
+        name=name,
         sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emulate.cpp")],
-        extra_cflags=["-O1", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags],
+        extra_cflags=["-O1", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags,
+                      *(f"-D{d}" for d in defines)],
         extra_ldflags=flags,
         build_directory=build,
         verbose=False,
     )
 
 
+@pytest.fixture(scope="module")
+def emu():
+    return build_emulation("focal_cuda_emulation")
+
+
+# Builds with tuning knobs (csrc/cuda/tuning.h) other than the defaults: other packs per step
+# through both kernels, and the label-rows kernel switched off.
+KNOB_BUILDS = {
+    "packs": ("FOCAL_CUDA_PACKS_F32=1", "FOCAL_CUDA_PACKS_F16=2", "FOCAL_CUDA_ROW_PACKS_F32=3",
+              "FOCAL_CUDA_ROW_PACKS_F16=2"),
+    "label-rows-off": ("FOCAL_CUDA_LABEL_ROWS=0",),
+}
+
+
+@pytest.fixture(scope="module", params=list(KNOB_BUILDS))
+def emu_knobs(request):
+    return request.param, build_emulation("focal_cuda_emulation_" + request.param.replace("-", "_"),
+                                          KNOB_BUILDS[request.param])
+
+
 PACK = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 
 
-def expected_kernel(dtype, C, labels, weighted, aligned=True):
-    if not labels or weighted in ("class", "element") or not aligned or C < PACK[dtype]:
+def expected_kernel(dtype, C, labels, weighted, aligned=True, label_rows=True):
+    if not label_rows or not labels or weighted in ("class", "element") or not aligned or C < PACK[dtype]:
         return "general"
     name = "label_rows" if C % PACK[dtype] == 0 else "label_rows_cross"
     return name + "_w" if weighted == "row" else name
@@ -200,3 +221,25 @@ def test_emulated_reduced_loss_in_float32_under_autocast(emu, dtype, C):
     total, _, _ = emu.forward(x, labels, None, 0.25, 2.0, -1, True, False, 1.0, divisor, 3, True)
     assert total.dtype == torch.float32 and total.dim() == 0
     torch.testing.assert_close(total.double(), expected, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [3, 8, 91])
+@pytest.mark.parametrize("kind,weighted", [("labels", "none"), ("labels", "row"), ("dense", "none"),
+                                           ("labels", "element")])
+def test_emulated_knob_builds_match_cpu_op(emu_knobs, dtype, C, kind, weighted):
+    """The kernels built with other tuning knobs give the same values, and LABEL_ROWS=0 sends every
+    call to the general kernel."""
+    knobs, emu = emu_knobs
+    g = torch.Generator().manual_seed(C + 3)
+    rows = 5000 // C + 3
+    x, t = inputs(rows, C, dtype, kind, g)
+    w = make_weight(weighted, rows, C, g)
+    ref_loss, ref_grad = cpu_op(x, t, weight=w)
+    for grid in (1, 3):
+        loss, grad, chosen = emu.forward(x, t, w, 0.25, 2.0, -1, False, True, 1.0, None, grid, False)
+        assert chosen == expected_kernel(dtype, C, kind != "dense", weighted, label_rows=knobs != "label-rows-off")
+        torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
+        torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
+        total, _, _ = emu.forward(x, t, w, 0.25, 2.0, -1, True, False, 1.0, None, grid, False)
+        torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import focal_cuda
-from conftest import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
+from helpers import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
 
 LOW = [torch.float16, torch.bfloat16]
 

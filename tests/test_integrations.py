@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import assert_close64
+from helpers import assert_close64
 
 torchvision = pytest.importorskip("torchvision")
 from focal_cuda.integrations import mmdet as fc_mmdet  # noqa: E402

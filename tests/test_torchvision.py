@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import focal_cuda
-from conftest import assert_close64, make_targets
+from helpers import assert_close64, make_targets
 
 tv_ops = pytest.importorskip("torchvision.ops")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import focal_cuda
-from conftest import (
+from helpers import (
     assert_close64,
     closed_form_grad,
     fused_loss_and_grad,

@@ -37,6 +37,7 @@
 
 #include "../focal_math.h"
 #include "focal_cuda.h"
+#include "tuning.h"
 
 namespace focal::cuda {
 namespace {
@@ -535,8 +536,11 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
 // bfloat16 kernel but 95 for float32 with row crossing and row weights; with a
 // cap it fills the cap, so each is set to the occupancy its natural count
 // allows (5 blocks: 48, 4: 64, 3: 80 registers).
+// (FOCAL_CUDA_ROW_MIN_BLOCKS in tuning.h overrides them all.)
 template <class scalar_t, bool kCross, bool kRowWeight>
-constexpr int kRowMinBlocks = sizeof(scalar_t) == 2 ? (!kCross && !kRowWeight ? 5 : 4) : (kCross ? 3 : 4);
+constexpr int kRowMinBlocks = FOCAL_CUDA_ROW_MIN_BLOCKS > 0 ? FOCAL_CUDA_ROW_MIN_BLOCKS
+                              : sizeof(scalar_t) == 2     ? (!kCross && !kRowWeight ? 5 : 4)
+                                                          : (kCross ? 3 : 4);
 
 // The hot path, as its own kernel: class labels, no weight or one weight per
 // row (kRowWeight: per anchor, as mmdet and the torchvision patch pass them),
@@ -762,17 +766,12 @@ void dispatch_forward(const FocalParams& p, F&& f) {
   }
 }
 
-// Packs per thread per loop step on the vector path, measured on an H100 (COCO
-// batch 16, labels, forward+backward): float32 two (1.02-1.06 ms against 1.19
-// with one); 16-bit types one (8 elements a pack already; two cost registers
-// and gave 0.80 ms either way, forward alone 0.80 against 0.72).
+// Packs per thread per loop step of the general kernel and of the label-rows
+// kernel (tuning.h).
 template <class scalar_t>
-constexpr int kUnrollPacks = sizeof(scalar_t) == 4 ? 2 : 1;
-
-// Packs per thread per step of the label-rows kernel (loaded one step ahead).
-// Not measured yet: the general kernel's counts, which fit both types' registers.
+constexpr int kUnrollPacks = sizeof(scalar_t) == 4 ? FOCAL_CUDA_PACKS_F32 : FOCAL_CUDA_PACKS_F16;
 template <class scalar_t>
-constexpr int kRowUnrollPacks = kUnrollPacks<scalar_t>;
+constexpr int kRowUnrollPacks = sizeof(scalar_t) == 4 ? FOCAL_CUDA_ROW_PACKS_F32 : FOCAL_CUDA_ROW_PACKS_F16;
 
 // The kernel for a launch, and whether its tensors allow the vector path.
 template <class scalar_t>
@@ -792,7 +791,8 @@ ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
                             aligned16(p.loss);
     if constexpr (std::is_integral_v<target_t>) {
       const bool row_weight = p.weight.data != nullptr && p.weight.col_stride == 0;  // one weight per row
-      if (vectorized && p.cols >= kVec && p.cols < (int64_t(1) << 30) && (p.weight.data == nullptr || row_weight)) {
+      if (FOCAL_CUDA_LABEL_ROWS && vectorized && p.cols >= kVec && p.cols < (int64_t(1) << 30) &&
+          (p.weight.data == nullptr || row_weight)) {
         constexpr int kU = kRowUnrollPacks<scalar_t>;
         const bool cross = p.cols % kVec != 0;
         if (row_weight) {
