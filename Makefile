@@ -2,7 +2,7 @@
 #
 #   make bench      benchmark (GPU if present, else a CPU-sized sweep)
 #   make test       the whole test suite (CUDA tests run where a GPU is present)
-#   make gpu-check  on a GPU machine with torch/pytest/numpy/ninja/pybind11 preinstalled
+#   make gpu-check  on a GPU host with torch/pytest/numpy/ninja/pybind11 preinstalled
 #                   and no network: build in place, test, benchmark, sanitize, write results
 #   make build      (re)build the extension in place (incremental)
 #   make test-emulation-asan  the CUDA kernels run on the CPU under AddressSanitizer

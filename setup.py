@@ -118,7 +118,7 @@ def torch_libstdcxx():
     """[path of the libstdc++.so.6 this process (torch) runs with] when the C++ compiler has no shared
     libstdc++ of its own, else [].
 
-    Some toolchains carry only libstdc++.a (seen on a GPU machine's /opt/gcc). An extension linked
+    Some toolchains carry only libstdc++.a (seen on a GPU host's /opt/gcc). An extension linked
     with it holds a private copy of the C++ runtime, and the first exception it throws through torch's
     dispatcher (any TORCH_CHECK) kills the process with a segfault instead of raising. Linking the
     runtime that torch already uses keeps one C++ runtime in the process."""

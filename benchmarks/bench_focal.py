@@ -15,7 +15,7 @@ Each is timed forward-only (no_grad) and forward+backward (loss.backward(), grad
 reporting the median of repeated runs after warm-up (CUDA events on GPU, perf_counter on CPU, where
 a measurement keeps sampling for at least 1 s so fast variants get dozens of samples), the
 peak memory of one run, and the achieved bandwidth over the minimal bytes of the fused computation
-(DESIGN.md: read logits + labels, write the gradient) next to a device-to-device copy of the logits
+(docs/design.md: read logits + labels, write the gradient) next to a device-to-device copy of the logits
 measured in the same run. torch.compile times are warm; the compile itself is reported separately.
 
     python benchmarks/bench_focal.py --auto     # --full on a GPU, --quick on a CPU
@@ -301,7 +301,7 @@ def variant_fns(case: Case, device: torch.device):
 
 
 def min_bytes(case: Case, grad: bool, dense_targets: bool = False) -> int:
-    """Fewest bytes the fused computation moves (DESIGN.md's floor), label targets unless told."""
+    """Fewest bytes the fused computation moves (docs/design.md, the byte floor), label targets unless told."""
     s = torch.finfo(DTYPES[case.dtype]).bits // 8
     n = case.numel
     total = n * s + case.batch * case.anchors * 8  # read logits and int64 labels

@@ -18,7 +18,7 @@ Exit status 0 only if the build succeeded, no test failed and the sanitizer foun
 
 ``--steps build,test,sanitize,bench`` runs a subset (default: all); results of earlier calls on the
 same day and GPU are kept and merged into the same report, so the check can be split across several
-shorter sessions (a lent GPU allows 10 minutes per command). ``--bench-args`` passes options to the
+shorter calls (for example under a 10-minute limit per command). ``--bench-args`` passes options to the
 benchmark (e.g. ``"--cases coco --reps 10"``).
 """
 

@@ -4,7 +4,7 @@
 // (T = at::vec::Vectorized<float>, whose MathOps specialisation lives in
 // cpu/focal_cpu_kernel.h).
 //
-// Notation (DESIGN.md): p = sigmoid(x), p_t = p*y + (1-p)*(1-y), q = 1 - p_t,
+// Notation (docs/design.md): p = sigmoid(x), p_t = p*y + (1-p)*(1-y), q = 1 - p_t,
 // ce = BCE-with-logits(x, y), alpha_t = alpha*y + (1-alpha)*(1-y),
 // FL = alpha_t * q^gamma * ce.
 //

@@ -54,7 +54,7 @@ def fused_loss_and_grad(inputs, targets, grad_output=None, **kw):
 
 
 def closed_form_grad(x: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """dFL/dx from DESIGN.md's closed forms, in float64 (binary y: first form; soft y: second)."""
+    """dFL/dx from docs/design.md's closed forms, in float64 (binary y: first form; soft y: second)."""
     x = x.double()
     y = y.double()
     p = torch.sigmoid(x)

@@ -1,5 +1,5 @@
 """Promise: the loss and its gradient equal the float64 plain-PyTorch reference (torchvision's
-formula) and DESIGN.md's closed-form gradient, for every target kind, gamma, alpha, reduction,
+formula) and docs/design.md's closed-form gradient, for every target kind, gamma, alpha, reduction,
 weight form and normalizer."""
 
 from __future__ import annotations
