@@ -17,7 +17,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 STAMP := focal_cuda/.built
 
 .PHONY: setup build test test-emulation-asan check-old-torch bench bench-full demo gpu-check clean

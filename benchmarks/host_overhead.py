@@ -62,7 +62,8 @@ def cases(device):
             focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum", normalizer=npos)
 
     def checks():
-        _checks.check(x, labels, 0.25, 2.0, "sum", None, npos, -1)
+        _checks.check_focal_options(0.25, 2.0)
+        _checks.check(x, labels, "sum", None, npos, -1)
 
     def torchvision_fwd_bwd():  # the torchvision formula, dense targets
         (focal_terms(x, dense, 0.25, 2.0).sum() / npos).backward()

@@ -1,4 +1,4 @@
-"""focal_cuda: fused sigmoid focal loss for PyTorch (forward and gradient in one pass), CPU and CUDA."""
+"""focal_cuda: the focal-loss family for PyTorch, fused (loss and gradient in one pass), CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -10,14 +10,28 @@ from . import _C  # noqa: F401  (loads the native ops: torch.ops.focal_cuda.*)
 from . import _cpu_isa
 from . import ops  # noqa: F401  (fake implementations and autograd registration)
 from . import reference  # noqa: F401
-from .functional import sigmoid_focal_loss
-from .modules import SigmoidFocalLoss
+from .functional import (
+    iou_aware_bce_loss,
+    quality_focal_loss,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_star,
+    varifocal_loss,
+)
+from .modules import IoUAwareBCELoss, QualityFocalLoss, SigmoidFocalLoss, SigmoidFocalLossStar, VarifocalLoss
 from .version import __version__
 
 
 __all__ = [
     "sigmoid_focal_loss",
+    "quality_focal_loss",
+    "varifocal_loss",
+    "sigmoid_focal_loss_star",
+    "iou_aware_bce_loss",
     "SigmoidFocalLoss",
+    "QualityFocalLoss",
+    "VarifocalLoss",
+    "SigmoidFocalLossStar",
+    "IoUAwareBCELoss",
     "reference",
     "build_info",
     "set_cpu_grad_cache",

@@ -30,6 +30,8 @@ class Plan:
     """How to call the op for one validated set of arguments."""
 
     labels: bool  # targets are class indices
+    targets: torch.Tensor  # dense targets, or the class indices
+    scores: Optional[torch.Tensor]  # (labels, scores) targets: the score per row
     reduction: int  # REDUCE_NONE or REDUCE_SUM
     scale: float  # every loss / gradient value is multiplied by scale / divisor
     divisor: Optional[torch.Tensor]  # 0-d tensor of the compute dtype on inputs' device, or None
@@ -60,31 +62,72 @@ def _is_int(v) -> bool:
     return t is int or (t is not bool and isinstance(v, (numbers.Integral, torch.SymInt)))
 
 
-def check_options(alpha, gamma, reduction, ignore_index) -> None:
-    """The loss options alone (what a module can check when it is built)."""
+def check_common(reduction, ignore_index) -> None:
+    """The options every member has (what a module can check when it is built)."""
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of 'none', 'mean', 'sum', got {reduction!r}")
-    if not _is_real(gamma) or not (0 <= gamma < INF):
-        raise ValueError(f"gamma: expected a finite real number >= 0, got {gamma!r}")
+    if not _is_int(ignore_index):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+
+# Each member's options (the modules check them when they are built, the functions on every call).
+
+def check_alpha_or_off(alpha) -> None:
+    """alpha of the focal loss and FL*: [0, 1], or -1 for no alpha weighting (torchvision's rule)."""
     if not _is_real(alpha) or not (alpha == -1 or 0 <= alpha <= 1):
         raise ValueError(
             f"alpha: expected a number in [0, 1], or -1 for no alpha weighting (as torchvision), got {alpha!r}"
         )
-    if not _is_int(ignore_index):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    if not _is_real(value) or not (0 <= value < INF):
+        raise ValueError(f"{name}: expected a finite real number >= 0, got {value!r}")
+
+
+def check_focal_options(alpha, gamma, label_smoothing=0.0) -> None:
+    check_alpha_or_off(alpha)
+    check_nonnegative("gamma", gamma)
+    if not _is_real(label_smoothing) or not (0 <= label_smoothing <= 1):
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+
+
+def check_quality_focal_options(beta) -> None:
+    check_nonnegative("beta", beta)
+
+
+def check_varifocal_options(alpha, gamma, iou_weighted, detach_weight) -> None:
+    check_nonnegative("alpha", alpha)
+    check_nonnegative("gamma", gamma)
+    for name, flag in (("iou_weighted", iou_weighted), ("detach_weight", detach_weight)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+
+
+def check_focal_star_options(alpha, gamma, beta) -> None:
+    check_alpha_or_off(alpha)
+    if not _is_real(gamma) or not (0 < gamma < INF):
+        raise ValueError(f"gamma: expected a finite real number > 0 (FL* divides by it), got {gamma!r}")
+    if not _is_real(beta) or not (-INF < beta < INF):
+        raise ValueError(f"beta: expected a finite real number, got {beta!r}")
+
+
+def check_iou_aware_bce_options(alpha, gamma) -> None:
+    if not _is_real(alpha) or not (0 <= alpha <= 1):
+        raise ValueError(f"alpha: expected a number in [0, 1] (the exponent of p in the IoU-aware target), got {alpha!r}")
+    check_nonnegative("gamma", gamma)
 
 
 def check(
     inputs,
     targets,
-    alpha,
-    gamma,
     reduction,
     weight,
     normalizer,
     ignore_index,
     weight_name: str = "weight",
 ) -> Plan:
+    """The tensors and the options every member shares (each member checks its own options first)."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs: expected a torch.Tensor of logits, got {type(inputs).__name__}")
     if inputs.dtype not in FLOAT_DTYPES:
@@ -93,8 +136,13 @@ def check(
         )
     if inputs.dim() < 1:
         raise ValueError("inputs: expected shape [..., C] with at least one dimension, got a 0-d tensor")
+    scores = None
+    if isinstance(targets, tuple):
+        targets, scores = _split_labels_and_scores(targets, inputs)
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+        raise TypeError(
+            f"targets: expected a torch.Tensor or a (labels, scores) tuple, got {type(targets).__name__}"
+        )
 
     if targets.dtype in LABEL_DTYPES:
         labels = True
@@ -126,7 +174,9 @@ def check(
             "pass targets.detach()"
         )
 
-    check_options(alpha, gamma, reduction, ignore_index)
+    if scores is not None and not labels:
+        raise TypeError(f"targets: the labels of (labels, scores) must be int32/int64, got dtype {targets.dtype}")
+    check_common(reduction, ignore_index)
 
     if weight is not None:
         _check_weight(weight, inputs, weight_name)
@@ -150,7 +200,29 @@ def check(
             divisor = count.clamp_min(1).to(acc)
         else:
             scale = 1.0 / max(numel, 1)
-    return Plan(labels, REDUCE_NONE if reduction == "none" else REDUCE_SUM, scale, divisor)
+    return Plan(labels, targets, scores, REDUCE_NONE if reduction == "none" else REDUCE_SUM, scale, divisor)
+
+
+def _split_labels_and_scores(targets: tuple, inputs: torch.Tensor):
+    if len(targets) != 2:
+        raise ValueError(f"targets: a tuple must be (labels, scores), got a tuple of {len(targets)}")
+    labels, scores = targets
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"targets: scores of (labels, scores) must be a tensor, got {type(scores).__name__}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"targets: scores of (labels, scores) must be floating, got dtype {scores.dtype}")
+    lead = tuple(inputs.shape[:-1])
+    if tuple(scores.shape) != lead:
+        raise ValueError(
+            f"targets: scores of (labels, scores) must have shape inputs.shape[:-1] = {lead} (one per anchor), "
+            f"got {_shape(scores)}"
+        )
+    if scores.device != inputs.device:
+        raise ValueError(f"targets: scores must be on {inputs.device} (the device of inputs), got {scores.device}")
+    if scores.requires_grad:
+        raise ValueError("targets: scores require grad, but focal_cuda differentiates with respect to inputs only; "
+                         "pass scores.detach()")
+    return labels, scores
 
 
 def _check_weight(weight, inputs, name: str) -> None:

@@ -1,13 +1,13 @@
-"""Fake (meta) implementations, autocast and autograd for the native ops.
+"""Fake (meta) implementations, autocast and autograd for the family's native ops.
 
-Forward (``torch.ops.focal_cuda.sigmoid_focal_loss_fwd``) returns the loss and,
-when asked, the gradient d loss / d inputs with alpha, weight and normalizer
-already applied. Backward never reads the logits again: it scales that saved
-gradient by grad_output.
+Every member has one forward op (``torch.ops.focal_cuda.<member>_fwd``) that returns the loss and,
+when asked, the gradient d loss / d inputs with weight and normalizer already applied; they share
+their leading arguments (``COMMON_ARGS``), then take the member's options. Backward never reads the
+logits again: it scales that saved gradient by grad_output.
 
 How backward applies grad_output:
   * eager, plain tensors, graph not retained, gradient private to autograd
-    (``sigmoid_focal_loss`` drops the op's gradient output): in place with the
+    (the public functions drop the op's gradient output): in place with the
     ``scale_grad_`` op, which reads grad_output on the device and skips the pass
     when it is exactly 1 (the usual case: loss.backward() or a sum of losses);
     the gradient tensor then belongs to the caller;
@@ -25,12 +25,12 @@ How backward applies grad_output:
     gradient whose own derivative would silently be wrong.
 
 Three autograd paths reach the same forward and backward:
-  * ``_SigmoidFocalLossFunction`` (what ``sigmoid_focal_loss`` calls): an
-    ``autograd.Function`` whose forward takes ``ctx``, the cheapest in host time;
+  * ``_FusedFunction`` (what the public functions call): an ``autograd.Function``
+    whose forward takes ``ctx``, the cheapest in host time;
   * ``_FunctorchFunction``: the same with a separate ``setup_context``, which
     torch.func transforms (``grad``, ``vjp``, ``vmap``) require; used only while
     one is active;
-  * the op's own registration (``register_autograd``), for ``torch.ops`` callers.
+  * each op's own registration (``register_autograd``), for ``torch.ops`` callers.
 """
 
 from __future__ import annotations
@@ -39,25 +39,33 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.focal_cuda.*)
 
-fwd_op = torch.ops.focal_cuda.sigmoid_focal_loss_fwd
-scale_grad_op = torch.ops.focal_cuda.scale_grad_
+# The arguments every member's op takes first, in this order (then the member's options).
+COMMON_ARGS = ("input", "targets", "scores", "weight", "divisor", "scale", "reduction", "ignore_index",
+               "compute_grad", "grad_prescale", "acc_loss")
+_REDUCTION = COMMON_ARGS.index("reduction")
+_ACC_LOSS = COMMON_ARGS.index("acc_loss")
+
+# The members' ops and their options, in schema order (csrc/ops/family_ops.cpp).
+MEMBER_OPTIONS = {
+    "sigmoid_focal_loss_fwd": ("alpha", "gamma", "label_smoothing"),
+    "quality_focal_loss_fwd": ("beta",),
+    "varifocal_loss_fwd": ("alpha", "gamma", "iou_weighted", "detach_weight"),
+    "sigmoid_focal_loss_star_fwd": ("alpha", "gamma", "beta"),
+    "iou_aware_bce_loss_fwd": ("alpha", "gamma"),
+}
 # The overloads themselves, for the calls made on every step: an OpOverloadPacket resolves the
 # overload on each call (about 10 us of host time here, per call).
-_fwd = fwd_op.default
+FWD = {name: getattr(torch.ops.focal_cuda, name).default for name in MEMBER_OPTIONS}
+scale_grad_op = torch.ops.focal_cuda.scale_grad_
 _scale_grad = scale_grad_op.default
-
-# input, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
-# grad_prescale, acc_loss
-_NUM_FWD_ARGS = 12
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("focal_cuda::sigmoid_focal_loss_fwd")
-def _fwd_fake(input, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index, compute_grad,
-              grad_prescale=0.0, acc_loss=False):
+def _fwd_fake(input, targets, scores, weight, divisor, scale, reduction, ignore_index, compute_grad, grad_prescale,
+              acc_loss, *options):
     if reduction == 0:
         loss = input.new_empty(input.shape)
     else:
@@ -76,26 +84,29 @@ def _scale_grad_fake(grad, grad_output):
 # losses do: the op writes its (float32-accumulated) total in float32 instead of rounding it to the
 # logits' bfloat16 or float16. The logits are not cast; an elementwise loss keeps their dtype.
 
-def _register_autocast(device_type: str, lib: torch.library.Library) -> None:
+def _register_autocast(name: str, device_type: str, lib: torch.library.Library) -> None:
+    op = FWD[name]
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     key = getattr(torch._C.DispatchKey, key_name)
     keyset = torch._C.DispatchKeySet(key)
 
     def fwd_autocast(*args):
-        args = list(args) + [0.0, False][len(args) - (_NUM_FWD_ARGS - 2):]
-        args[11] = bool(args[11]) or args[7] != 0  # acc_loss for a reduced loss
+        args = list(args)
+        args[_ACC_LOSS] = bool(args[_ACC_LOSS]) or args[_REDUCTION] != 0  # acc_loss for a reduced loss
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return _fwd(*args)
+            return op(*args)
 
-    if _fwd.has_kernel_for_dispatch_key(key):
-        _fwd.py_kernels.pop(key)
-    _fwd.py_impl(key)(fwd_autocast)  # what tracing (torch.compile, export) dispatches to
-    lib.impl("sigmoid_focal_loss_fwd", lambda _keyset, *args: fwd_autocast(*args), key_name, with_keyset=True)
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key)
+    op.py_impl(key)(fwd_autocast)  # what tracing (torch.compile, export) dispatches to
+    lib.impl(name, lambda _keyset, *args: fwd_autocast(*args), key_name, with_keyset=True)
 
 
-_autocast_lib = torch.library.Library("focal_cuda", "IMPL")
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type, _autocast_lib)
+_lib = torch.library.Library("focal_cuda", "IMPL")
+for _name in MEMBER_OPTIONS:
+    torch.library.register_fake(f"focal_cuda::{_name}", _fwd_fake)
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_name, _device_type, _lib)
 
 
 # --------------------------------------------------------------------------------------- backward
@@ -143,9 +154,10 @@ def apply_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, may_modify:
     return grad
 
 
-def _save(ctx, output, private_grad, input, targets, weight, divisor, scale, alpha, gamma, reduction, ignore_index,
-          compute_grad, grad_prescale=0.0, acc_loss=False):
+def _save(ctx, output, private_grad, input, targets, scores, weight, divisor, scale, reduction, ignore_index,
+          compute_grad, grad_prescale, acc_loss, *options):
     loss, grad = output
+    ctx.num_args = len(COMMON_ARGS) + len(options)
     ctx.private_grad = private_grad
     ctx.has_grad = bool(compute_grad)
     if ctx.has_grad:
@@ -171,21 +183,26 @@ def setup_context(ctx, inputs, output, private_grad=False):
 
 _DOUBLE_BACKWARD = (
     "focal_cuda: double backward is not supported: {how}, but the fused gradient is not "
-    "differentiable again. Use focal_cuda.reference.sigmoid_focal_loss where one is needed"
+    "differentiable again. Use the plain-PyTorch twin in focal_cuda.reference where one is needed"
 )
 
 
 def backward(ctx, grad_loss, _grad_of_grad):
-    nones = (None,) * (_NUM_FWD_ARGS - 1)
-    if grad_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) + nones
+    """The backward of each op's own autograd registration (one gradient per op argument)."""
+    return (_backward_input(ctx, grad_loss, ctx.needs_input_grad[0]),) + (None,) * (ctx.num_args - 1)
+
+
+def _backward_input(ctx, grad_loss, wanted: bool):
+    """d loss / d input for the eager paths (create_graph raises), or None."""
+    if grad_loss is None or not wanted:
+        return None
     grad_mode = torch.is_grad_enabled()  # (off in a plain backward: then no no_grad block is needed)
     if grad_mode and not torch.compiler.is_compiling() and _is_plain(grad_loss):
         raise RuntimeError(_DOUBLE_BACKWARD.format(how="backward was called with create_graph=True"))
     if grad_mode:
         with torch.no_grad():
-            return (_input_grad(ctx, grad_loss),) + nones
-    return (_input_grad(ctx, grad_loss),) + nones
+            return _input_grad(ctx, grad_loss)
+    return _input_grad(ctx, grad_loss)
 
 
 def _input_grad(ctx, grad_loss):
@@ -205,30 +222,31 @@ def _input_grad(ctx, grad_loss):
     return apply_grad_output(grad, go, may_modify=ctx.private_grad)
 
 
-torch.library.register_autograd("focal_cuda::sigmoid_focal_loss_fwd", backward, setup_context=setup_context)
+for _name in MEMBER_OPTIONS:
+    torch.library.register_autograd(f"focal_cuda::{_name}", backward, setup_context=setup_context)
 
 
-class _SigmoidFocalLossFunction(torch.autograd.Function):
-    """The autograd function behind ``sigmoid_focal_loss``: ``apply`` takes the op's arguments and
-    returns ``(loss, grad)``; ``sigmoid_focal_loss`` drops ``grad``, which lets backward scale it in
-    place (no allocation). Not public: its arguments are the op's, which may change."""
+class _FusedFunction(torch.autograd.Function):
+    """The autograd function behind the public functions: ``apply(op, *args)`` takes a member's op
+    and its arguments and returns ``(loss, grad)``; the public functions drop ``grad``, which lets
+    backward scale it in place (no allocation). Not public: its arguments are the op's."""
 
     # forward(ctx, ...) rather than a separate setup_context: with setup_context, Function.apply binds
     # the arguments through inspect.signature on every call (~100 us of host time per call).
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, op, *args):
         if torch.compiler.is_compiling():
-            output = _fwd(*args)
+            output = op(*args)
         else:
             # straight to the kernel: the op's own (Python) autograd layer has nothing to do here
             with torch._C._AutoDispatchBelowAutograd():
-                output = _fwd(*args)
+                output = op(*args)
         _save(ctx, output, True, *args)
         return output
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_of_grad):
-        return backward(ctx, grad_loss, grad_of_grad)
+    def backward(ctx, grad_loss, _grad_of_grad):
+        return (None, _backward_input(ctx, grad_loss, ctx.needs_input_grad[1])) + (None,) * (ctx.num_args - 1)
 
 
 def _grad_levels() -> int:
@@ -244,23 +262,23 @@ class _FunctorchFunction(torch.autograd.Function):
     setup_context; vmap runs the op once per batch entry). Used only while a transform is active."""
 
     @staticmethod
-    def forward(*args):
-        return _fwd(*args)
+    def forward(op, *args):
+        return op(*args)
 
     @staticmethod
-    def vmap(info, in_dims, *args):
+    def vmap(info, in_dims, op, *args):
         # one op call per batch entry: each sample's loss is reduced and normalised exactly as an
         # unbatched call would (per-sample divisors included)
         outputs = []
         for b in range(info.batch_size):
-            outputs.append(_fwd(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims))))
+            outputs.append(op(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims[1:]))))
         loss = torch.stack([o[0] for o in outputs])
         grad = torch.stack([o[1] for o in outputs])
         return (loss, grad), (0, 0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, output, False, *inputs)
+        _save(ctx, output, False, *inputs[1:])
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -271,16 +289,16 @@ class _FunctorchFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_of_grad):
-        nones = (None,) * (_NUM_FWD_ARGS - 1)
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) + nones
+        nones = (None,) * (ctx.num_args - 1)
+        if grad_loss is None or not ctx.needs_input_grad[1]:
+            return (None, None) + nones
         if _grad_levels() > 1:
             raise RuntimeError(_DOUBLE_BACKWARD.format(how="torch.func transforms were nested to differentiate twice"))
-        return (_input_grad(ctx, grad_loss),) + nones
+        return (None, _input_grad(ctx, grad_loss)) + nones
 
 
-def fused_forward(*args) -> torch.Tensor:
-    """The loss of the op's forward, through the autograd path that suits the caller."""
+def fused_forward(op, *args) -> torch.Tensor:
+    """The loss of a member's op, through the autograd path that suits the caller."""
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return _FunctorchFunction.apply(*args)[0]
-    return _SigmoidFocalLossFunction.apply(*args)[0]
+        return _FunctorchFunction.apply(op, *args)[0]
+    return _FusedFunction.apply(op, *args)[0]

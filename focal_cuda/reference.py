@@ -1,32 +1,68 @@
-"""The same API as ``focal_cuda.sigmoid_focal_loss`` in plain, unfused PyTorch.
+"""The family's API in plain, unfused PyTorch: the twins of the fused functions.
 
-This is the oracle the tests compare against (usually run in float64) and the
-eager baseline the benchmarks race. The per-element formula is torchvision's
-``sigmoid_focal_loss``, written out from the paper; labels become a one-hot
-tensor, ignored anchors and zero weights are masked to exact zeros, and the
+They are the oracle the tests compare against (usually run in float64, differentiated by autograd)
+and the eager baselines the benchmarks race. Each member's per-element formula is written out from
+its paper, the way detection frameworks write it, on a dense target: labels become a one-hot
+tensor, ``(labels, scores)`` a one-hot tensor times the score (scores of background and ignored
+anchors are not used), ignored anchors and zero weights are masked to exact zeros, and the
 reductions follow focal_cuda's documented semantics.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks
 
+Targets = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
-def focal_terms(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """Elementwise focal loss, torchvision's formula, on dense targets of the inputs' shape."""
+
+def focal_terms(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """Elementwise focal loss, torchvision's formula, on dense targets of the inputs' shape; with
+    label smoothing s the cross-entropy takes y (1 - s) + s/2."""
     p = torch.sigmoid(inputs)
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    smoothed = targets * (1 - label_smoothing) + label_smoothing / 2 if label_smoothing else targets
+    ce = F.binary_cross_entropy_with_logits(inputs, smoothed, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
     loss = ce * ((1 - p_t) ** gamma)
     if alpha >= 0:
         alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
         loss = alpha_t * loss
     return loss
+
+
+def quality_focal_terms(inputs: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    p = torch.sigmoid(inputs)
+    return F.binary_cross_entropy_with_logits(inputs, y, reduction="none") * (y - p).abs().pow(beta)
+
+
+def varifocal_terms(inputs: torch.Tensor, y: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float,
+                    iou_weighted: bool, detach_weight: bool) -> torch.Tensor:
+    p = torch.sigmoid(inputs)
+    w = torch.where(positive, y if iou_weighted else torch.ones_like(y), alpha * (p - y).abs().pow(gamma))
+    if detach_weight:
+        w = w.detach()
+    return F.binary_cross_entropy_with_logits(inputs, y, reduction="none") * w
+
+
+def focal_star_terms(inputs: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float, beta: float) -> torch.Tensor:
+    loss = -F.logsigmoid(gamma * (2 * y - 1) * inputs + beta) / gamma
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return loss
+
+
+def iou_aware_bce_terms(inputs: torch.Tensor, y: torch.Tensor, positive: torch.Tensor, alpha: float,
+                        gamma: float) -> torch.Tensor:
+    p = torch.sigmoid(inputs)
+    t = (p.detach() ** alpha * y ** (1 - alpha)).clamp(min=0.01)
+    pos = F.binary_cross_entropy_with_logits(inputs, t, reduction="none")
+    neg = p ** gamma * F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    return torch.where(positive, pos, neg)
 
 
 def one_hot_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype):
@@ -37,28 +73,21 @@ def one_hot_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, dt
     return dense, valid
 
 
-def sigmoid_focal_loss(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: Optional[torch.Tensor] = None,
-    normalizer: Optional[Union[float, torch.Tensor]] = None,
-    ignore_index: int = -1,
-    validate: bool = True,
-) -> torch.Tensor:
-    plan = _checks.check(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index)
-    num_classes = inputs.shape[-1]
-    valid = None
-    if plan.labels:
-        if validate:
-            _checks.validate_labels(targets, num_classes, int(ignore_index))
-        dense, valid = one_hot_labels(targets, num_classes, int(ignore_index), inputs.dtype)
-    else:
-        dense = targets.to(inputs.dtype)
-    loss = focal_terms(inputs, dense, alpha, gamma)
+def dense_targets(inputs: torch.Tensor, plan: _checks.Plan, ignore_index: int):
+    """(y, positive, valid): the dense target, the positive elements (the label's column for label
+    targets; y > 0 for dense ones) and the anchors that count (None for dense targets)."""
+    if not plan.labels:
+        y = plan.targets.to(inputs.dtype)
+        return y, y > 0, None
+    onehot, valid = one_hot_labels(plan.targets, inputs.shape[-1], ignore_index, inputs.dtype)
+    positive = onehot.bool()
+    if plan.scores is None:
+        return onehot, positive, valid
+    y = torch.where(positive, plan.scores.to(inputs.dtype).unsqueeze(-1), torch.zeros_like(onehot))
+    return y, positive, valid
+
+
+def _reduce(loss: torch.Tensor, plan: _checks.Plan, weight, valid) -> torch.Tensor:
     if weight is not None:
         w = weight.to(loss.dtype)
         loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
@@ -71,3 +100,57 @@ def sigmoid_focal_loss(
     if plan.scale != 1.0:
         loss = loss * plan.scale
     return loss
+
+
+def _run(terms, inputs, targets, reduction, weight, normalizer, ignore_index, validate):
+    plan = _checks.check(inputs, targets, reduction, weight, normalizer, ignore_index)
+    if plan.labels and validate:
+        _checks.validate_labels(plan.targets, inputs.shape[-1], int(ignore_index))
+    y, positive, valid = dense_targets(inputs, plan, int(ignore_index))
+    return _reduce(terms(y, positive), plan, weight, valid)
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: Targets,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: Optional[torch.Tensor] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    ignore_index: int = -1,
+    validate: bool = True,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    _checks.check_focal_options(alpha, gamma, label_smoothing)
+    return _run(lambda y, pos: focal_terms(inputs, y, alpha, gamma, label_smoothing), inputs, targets, reduction,
+                weight, normalizer, ignore_index, validate)
+
+
+def quality_focal_loss(inputs, targets, beta=2.0, reduction="none", *, weight=None, normalizer=None, ignore_index=-1,
+                       validate=True) -> torch.Tensor:
+    _checks.check_quality_focal_options(beta)
+    return _run(lambda y, pos: quality_focal_terms(inputs, y, beta), inputs, targets, reduction, weight, normalizer,
+                ignore_index, validate)
+
+
+def varifocal_loss(inputs, targets, alpha=0.75, gamma=2.0, reduction="none", *, iou_weighted=True,
+                   detach_weight=False, weight=None, normalizer=None, ignore_index=-1, validate=True) -> torch.Tensor:
+    _checks.check_varifocal_options(alpha, gamma, iou_weighted, detach_weight)
+    return _run(lambda y, pos: varifocal_terms(inputs, y, pos, alpha, gamma, iou_weighted, detach_weight), inputs,
+                targets, reduction, weight, normalizer, ignore_index, validate)
+
+
+def sigmoid_focal_loss_star(inputs, targets, alpha=-1.0, gamma=1.0, beta=0.0, reduction="none", *, weight=None,
+                            normalizer=None, ignore_index=-1, validate=True) -> torch.Tensor:
+    _checks.check_focal_star_options(alpha, gamma, beta)
+    return _run(lambda y, pos: focal_star_terms(inputs, y, alpha, gamma, beta), inputs, targets, reduction, weight,
+                normalizer, ignore_index, validate)
+
+
+def iou_aware_bce_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, weight=None, normalizer=None,
+                       ignore_index=-1, validate=True) -> torch.Tensor:
+    _checks.check_iou_aware_bce_options(alpha, gamma)
+    return _run(lambda y, pos: iou_aware_bce_terms(inputs, y, pos, alpha, gamma), inputs, targets, reduction, weight,
+                normalizer, ignore_index, validate)

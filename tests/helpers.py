@@ -75,3 +75,15 @@ def assert_close64(actual, expected, rtol=1e-5, atol=1e-6, msg=""):
     scale = expected.abs().max().item() if expected.numel() else 1.0
     scale = scale if math.isfinite(scale) and scale > 0 else 1.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=msg or None)
+
+
+def focal_op_args(x, t, weight=None, divisor=None, scale=1.0, alpha=0.25, gamma=2.0, reduction=1, ignore_index=-1,
+                  compute_grad=False, grad_prescale=0.0, acc_loss=False, scores=None, label_smoothing=0.0):
+    """The arguments of torch.ops.focal_cuda.sigmoid_focal_loss_fwd in its schema's order."""
+    return (x, t, scores, weight, divisor, scale, reduction, ignore_index, compute_grad, grad_prescale, acc_loss,
+            alpha, gamma, label_smoothing)
+
+
+def focal_op(*args, **kwargs):
+    """torch.ops.focal_cuda.sigmoid_focal_loss_fwd called with focal_op_args' named arguments."""
+    return torch.ops.focal_cuda.sigmoid_focal_loss_fwd.default(*focal_op_args(*args, **kwargs))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import focal_cuda
-from helpers import assert_close64, make_targets, reference_loss_and_grad
+from helpers import assert_close64, make_targets, reference_loss_and_grad, focal_op
 
 
 @pytest.mark.parametrize("kind", ["binary", "soft", "labels"])
@@ -115,7 +115,7 @@ def test_no_grad_forward_writes_no_gradient(device):
     ref, _ = reference_loss_and_grad(x, t, reduction="sum")
     assert_close64(loss, ref)
     # the raw op reports an empty gradient when none is asked for
-    _, grad = focal_cuda.ops.fwd_op(x, t, None, None, 1.0, 0.25, 2.0, 1, -1, False)
+    _, grad = focal_op(x, t, None, None, 1.0, 0.25, 2.0, 1, -1, False)
     assert grad.numel() == 0
 
 
@@ -135,7 +135,7 @@ def test_op_level_autograd(device):
     """torch.ops.focal_cuda.sigmoid_focal_loss_fwd is differentiable by itself (registered autograd)."""
     x, t = _fresh(device)
     xr = x.clone().requires_grad_()
-    loss, grad = focal_cuda.ops.fwd_op(xr, t, None, None, 1.0, 0.25, 2.0, 1, -1, True)
+    loss, grad = focal_op(xr, t, None, None, 1.0, 0.25, 2.0, 1, -1, True)
     assert not grad.requires_grad
     loss.backward()
     _, ref = reference_loss_and_grad(x, t, reduction="sum")
@@ -146,7 +146,7 @@ def test_raw_op_gradient_output_not_modified_by_backward(device):
     """The raw op hands its gradient buffer to the caller: its autograd must not scale it in place."""
     x, t = _fresh(device)
     xr = x.clone().requires_grad_()
-    loss, grad = focal_cuda.ops.fwd_op(xr, t, None, None, 1.0, 0.25, 2.0, 1, -1, True)
+    loss, grad = focal_op(xr, t, None, None, 1.0, 0.25, 2.0, 1, -1, True)
     before = grad.clone()
     (loss * 3.0).backward()
     assert torch.equal(grad, before)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import focal_cuda
+from helpers import focal_op
 
 fl = focal_cuda.sigmoid_focal_loss
 
@@ -93,7 +94,7 @@ def test_bad_labels_on_cpu_name_the_value(bad):
         fl(x, labels, validate=True)
     # the raw op checks too
     with pytest.raises(ValueError, match=rf"class index {bad}"):
-        focal_cuda.ops.fwd_op(x, labels, None, None, 1.0, 0.25, 2.0, 0, -1, False)
+        focal_op(x, labels, None, None, 1.0, 0.25, 2.0, 0, -1, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
@@ -124,7 +125,7 @@ def test_devices_that_differ():
 
 def test_raw_op_checks():
     x = torch.randn(4, 5)
-    op = focal_cuda.ops.fwd_op
+    op = focal_op
     with pytest.raises(ValueError, match="shape"):
         op(x, torch.zeros(3, 5), None, None, 1.0, 0.25, 2.0, 0, -1, False)
     with pytest.raises(ValueError, match="reduction"):

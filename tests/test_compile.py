@@ -9,7 +9,7 @@ import torch
 from torch.library import opcheck
 
 import focal_cuda
-from helpers import assert_close64, make_targets
+from helpers import assert_close64, focal_op_args, make_targets
 
 FWD = torch.ops.focal_cuda.sigmoid_focal_loss_fwd.default
 SCALE = torch.ops.focal_cuda.scale_grad_.default
@@ -27,14 +27,14 @@ def _samples(device):
                     acc = torch.float64 if dtype == torch.float64 else torch.float32
                     w = torch.rand(7, generator=g).to(device) if kind == "labels" else None
                     div = torch.tensor(2.5, dtype=acc, device=device) if reduction == 1 else None
-                    yield (x, t, w, div, 1.0, 0.25, 2.0, reduction, -1, requires_grad)
+                    yield focal_op_args(x, t, w, div, 1.0, 0.25, 2.0, reduction, -1, requires_grad)
     # float16 with the gradient stored unnormalised and prescaled (what sigmoid_focal_loss does for fp16)
     x = torch.randn(5, 9, generator=g).to(device, torch.float16).requires_grad_()
-    yield (x, torch.randint(0, 10, (5,), generator=g).to(device), None, torch.tensor(3.0, device=device), 0.5,
-           0.25, 2.0, 1, -1, True, 256.0)
+    yield focal_op_args(x, torch.randint(0, 10, (5,), generator=g).to(device), None, torch.tensor(3.0, device=device),
+                        0.5, 0.25, 2.0, 1, -1, True, 256.0)
     # general gamma, no alpha, non-contiguous input
     x = torch.randn(7, 3, generator=g).to(device).t().requires_grad_()
-    yield (x, torch.rand(3, 7, generator=g).to(device), None, None, 0.5, -1.0, 1.5, 1, -1, True)
+    yield focal_op_args(x, torch.rand(3, 7, generator=g).to(device), None, None, 0.5, -1.0, 1.5, 1, -1, True)
 
 
 def test_opcheck_forward(device):

@@ -35,7 +35,8 @@ def build_emulation(name: str, defines=()):
     os.makedirs(build, exist_ok=True)
     return cpp_extension.load(
         name=name,
-        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emulate.cpp")],
+        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emulate.cpp"),
+                 os.path.join(ROOT, "csrc", "ops", "plan.cpp"), os.path.join(ROOT, "csrc", "cpu", "grad_cache.cpp")],
         extra_cflags=["-O1", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags,
                       *(f"-D{d}" for d in defines)],
         extra_ldflags=flags,
@@ -62,6 +63,13 @@ KNOB_BUILDS = {
 def emu_knobs(request):
     return request.param, build_emulation("focal_cuda_emulation_" + request.param.replace("-", "_"),
                                           KNOB_BUILDS[request.param])
+
+
+def emu_forward(emu, x, t, w=None, alpha=0.25, gamma=2.0, ignore_index=-1, total=False, want_grad=True, scale=1.0,
+                divisor=None, grid=1, acc_loss=False, **options):
+    """The emulated op (planned as the real op plans it); options: loss_kind, beta, scores, ..."""
+    return emu.forward(x, t, weight=w, divisor=divisor, scale=scale, reduction=int(total), ignore_index=ignore_index,
+                       compute_grad=want_grad, acc_loss=acc_loss, alpha=alpha, gamma=gamma, grid=grid, **options)
 
 
 PACK = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
@@ -135,11 +143,11 @@ def test_emulated_kernels_match_cpu_op(emu, dtype, C, kind, weighted, gamma, alp
     w = make_weight(weighted, rows, C, g)
     ref_loss, ref_grad = cpu_op(x, t, weight=w, gamma=gamma, alpha=alpha)
     for grid in (1, 3):
-        loss, grad, chosen = emu.forward(x, t, w, alpha, gamma, -1, False, True, 1.0, None, grid, False)
+        loss, grad, chosen = emu_forward(emu, x, t, w, alpha, gamma, -1, False, True, 1.0, None, grid, False)
         assert chosen == expected_kernel(dtype, C, kind != "dense", weighted)
         torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
         torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
-        total, _, _ = emu.forward(x, t, w, alpha, gamma, -1, True, False, 1.0, None, grid, False)
+        total, _, _ = emu_forward(emu, x, t, w, alpha, gamma, -1, True, False, 1.0, None, grid, False)
         torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
 
 
@@ -174,16 +182,16 @@ def test_emulated_ignored_rows_and_bad_labels(emu, dtype, C, weighted):
     x_clean[zero_w] = 0.0
     ref_loss, ref_grad = cpu_op(x_clean, clean, weight=w)
     divisor = torch.tensor(8.0)
-    loss, grad, chosen = emu.forward(x, labels, w, 0.25, 2.0, -1, False, True, 1.0, divisor, 2, False)
+    loss, grad, chosen = emu_forward(emu, x, labels, w, 0.25, 2.0, -1, False, True, 1.0, divisor, 2, False)
     assert chosen == expected_kernel(dtype, C, True, weighted)
     assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
     assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
     assert torch.all(loss[zero_w] == 0) and torch.all(grad[zero_w] == 0)
     torch.testing.assert_close(loss[good].double(), ref_loss[good].double() / 8, **close(dtype))
     torch.testing.assert_close(grad[good].double(), ref_grad[good].double() / 8, **close(dtype))
-    total, _, _ = emu.forward(x, labels, w, 0.25, 2.0, -1, True, False, 1.0, None, 2, False)
+    total, _, _ = emu_forward(emu, x, labels, w, 0.25, 2.0, -1, True, False, 1.0, None, 2, False)
     assert torch.isnan(total)
-    total, _, _ = emu.forward(x, clean, w, 0.25, 2.0, -1, True, False, 1.0, None, 2, False)
+    total, _, _ = emu_forward(emu, x, clean, w, 0.25, 2.0, -1, True, False, 1.0, None, 2, False)
     torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
 
 
@@ -197,13 +205,13 @@ def test_emulated_misaligned_and_ignore_index_a_class(emu, dtype):
     shifted = torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(rows, C)
     assert shifted.data_ptr() % 16 != 0
     ref_loss, ref_grad = cpu_op(x, labels)
-    loss, grad, chosen = emu.forward(shifted, labels, None, 0.25, 2.0, -1, False, True, 1.0, None, 3, False)
+    loss, grad, chosen = emu_forward(emu, shifted, labels, None, 0.25, 2.0, -1, False, True, 1.0, None, 3, False)
     assert chosen == "general"
     torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
     torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
     labels = torch.where(labels == -1, C, labels)  # -1 is a bad label once ignore_index is 5
     ref_loss, ref_grad = cpu_op(x, labels, ignore_index=5)
-    loss, grad, chosen = emu.forward(x, labels, None, 0.25, 2.0, 5, False, True, 1.0, None, 3, False)
+    loss, grad, chosen = emu_forward(emu, x, labels, None, 0.25, 2.0, 5, False, True, 1.0, None, 3, False)
     assert chosen == "label_rows" and (labels == 5).any() and torch.all(loss[labels == 5] == 0)
     torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
     torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
@@ -218,7 +226,7 @@ def test_emulated_reduced_loss_in_float32_under_autocast(emu, dtype, C):
     x, labels = inputs(4000 // C + 3, C, dtype, "labels", g)
     divisor = torch.tensor(3.0)
     expected = focal_cuda.reference.sigmoid_focal_loss(x.double(), labels, reduction="sum") / 3.0
-    total, _, _ = emu.forward(x, labels, None, 0.25, 2.0, -1, True, False, 1.0, divisor, 3, True)
+    total, _, _ = emu_forward(emu, x, labels, None, 0.25, 2.0, -1, True, False, 1.0, divisor, 3, True)
     assert total.dtype == torch.float32 and total.dim() == 0
     torch.testing.assert_close(total.double(), expected, rtol=2e-5, atol=0)
 
@@ -237,9 +245,9 @@ def test_emulated_knob_builds_match_cpu_op(emu_knobs, dtype, C, kind, weighted):
     w = make_weight(weighted, rows, C, g)
     ref_loss, ref_grad = cpu_op(x, t, weight=w)
     for grid in (1, 3):
-        loss, grad, chosen = emu.forward(x, t, w, 0.25, 2.0, -1, False, True, 1.0, None, grid, False)
+        loss, grad, chosen = emu_forward(emu, x, t, w, 0.25, 2.0, -1, False, True, 1.0, None, grid, False)
         assert chosen == expected_kernel(dtype, C, kind != "dense", weighted, label_rows=knobs != "label-rows-off")
         torch.testing.assert_close(loss.double(), ref_loss.double(), **close(dtype))
         torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
-        total, _, _ = emu.forward(x, t, w, 0.25, 2.0, -1, True, False, 1.0, None, grid, False)
+        total, _, _ = emu_forward(emu, x, t, w, 0.25, 2.0, -1, True, False, 1.0, None, grid, False)
         torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)

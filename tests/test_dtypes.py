@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import focal_cuda
-from helpers import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad
+from helpers import assert_close64, fused_loss_and_grad, make_targets, reference_loss_and_grad, focal_op
 
 LOW = [torch.float16, torch.bfloat16]
 
@@ -220,7 +220,7 @@ def test_autocast_elementwise_loss_and_raw_op(device, amp_dtype):
     size would double what the loss writes); the raw op's own autocast rule returns a float32 sum."""
     x = torch.randn(6, 10, device=device).to(amp_dtype)
     labels = torch.randint(0, 11, (6,), device=device)
-    op = torch.ops.focal_cuda.sigmoid_focal_loss_fwd.default
+    op = focal_op
     with torch.autocast(device, dtype=amp_dtype):
         assert focal_cuda.sigmoid_focal_loss(x, labels).dtype == amp_dtype
         total, _ = op(x, labels, None, None, 1.0, 0.25, 2.0, 1, -1, False)

@@ -1,6 +1,10 @@
-// The portable CPU kernel (CPU_CAPABILITY=DEFAULT), linked into _C. Faster
-// instruction-set builds live in their own extension modules (focal_cpu_avx2.cpp)
-// and are swapped in at import time after a runtime CPU check.
+// The portable CPU kernel (CPU_CAPABILITY=DEFAULT), linked into _C, and the
+// choice of build the op runs. Faster instruction-set builds live in their own
+// extension modules (focal_cpu_avx2.cpp) and are swapped in at import time after
+// a runtime CPU check.
+#include <atomic>
+#include <mutex>
+
 #include "focal_cpu.h"
 #include "focal_cpu_kernel.h"
 
@@ -8,6 +12,25 @@ namespace focal::cpu {
 
 double focal_range_default(const FocalParams& p, int64_t begin, int64_t end) {
   return focal_range_dispatch(p, begin, end);
+}
+
+namespace {
+std::atomic<RangeFn> g_kernel{&focal_range_default};
+std::mutex g_name_mu;
+std::string g_name = "default";
+}  // namespace
+
+RangeFn selected_kernel() { return g_kernel.load(); }
+
+std::string selected_kernel_name() {
+  std::lock_guard<std::mutex> lock(g_name_mu);
+  return g_name;
+}
+
+void select_kernel(RangeFn fn, const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_name_mu);
+  g_kernel.store(fn);
+  g_name = name;
 }
 
 }  // namespace focal::cpu

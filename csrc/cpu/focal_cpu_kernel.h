@@ -1,5 +1,6 @@
-// The fused CPU kernel: one pass over a range of elements writes the gradient
-// (and the elementwise loss) and returns the range's partial sum.
+// The fused CPU kernel of every family member: one pass over a range of
+// elements writes the gradient (and the elementwise loss) and returns the
+// range's partial sum. The member (csrc/losses/) is a template parameter L.
 //
 // This header is compiled once per CPU instruction set (CPU_CAPABILITY =
 // DEFAULT inside _C, AVX2 in the separate _cpu_avx2 module built with
@@ -27,8 +28,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../focal_math.h"
-#include "../focal_params.h"
+#include "../core/math_ops.h"
+#include "../core/params.h"
+#include "../losses/family.h"
 
 namespace focal {
 
@@ -121,7 +123,7 @@ struct MathOps<at::vec::Vectorized<float>> {
   using Mask = V;
   FOCAL_HD static V exp(V x) { return cpu::vec_exp(x); }
   // log1p(e) for e = exp(-|x|) in [0, 1], the only argument the math uses:
-  // the atanh polynomial of focal_math.h (Sleef's general log1pf costs ~4x the
+  // the atanh polynomial of core/math_ops.h (Sleef's general log1pf costs ~4x the
   // rest of the kernel).
   FOCAL_HD static V log1p(V e) { return log1p_unit_poly(e); }
   FOCAL_HD static V exp_nonpos(V x) { return cpu::vec_exp_nonpos(x); }
@@ -173,6 +175,7 @@ struct MathOps<at::vec::Vectorized<float>> {
   FOCAL_HD static V ge(V a, V b) { return a >= b; }
   FOCAL_HD static V gt(V a, V b) { return a > b; }
   FOCAL_HD static V ne(V a, V b) { return a != b; }
+  FOCAL_HD static V lt(V a, V b) { return a < b; }
 };
 
 namespace cpu {
@@ -229,6 +232,7 @@ struct MathOps<cpu::VecN<N>> {
   FOCAL_VECN_MAP(ge, (const T& a, const T& b), (a.v[i], b.v[i]))
   FOCAL_VECN_MAP(gt, (const T& a, const T& b), (a.v[i], b.v[i]))
   FOCAL_VECN_MAP(ne, (const T& a, const T& b), (a.v[i], b.v[i]))
+  FOCAL_VECN_MAP(lt, (const T& a, const T& b), (a.v[i], b.v[i]))
   FOCAL_VECN_MAP(select, (const T& m, const T& a, const T& b), (m.v[i], a.v[i], b.v[i]))
   FOCAL_VECN_MAP(exp_nonpos, (const T& a), (a.v[i]))
   FOCAL_VECN_MAP(neg_abs, (const T& a), (a.v[i]))
@@ -295,12 +299,21 @@ inline int64_t read_label(const FocalParams& p, int64_t offset) {
   return static_cast<int64_t>(static_cast<const label_t*>(p.target.data)[offset]);
 }
 
+// The score of row r, for (labels, scores) targets: read only for a row whose
+// label is a class, where that class's column is computed.
+template <class acc_t>
+inline acc_t read_score(const FocalParams& p, int64_t r) {
+  const int64_t o = p.contiguous ? r * p.scores.row_strides[0] : score_offset(p, r);
+  return static_cast<const acc_t*>(p.scores.data)[o];
+}
+
 // Loss/gradient of one element in compute precision acc_t; weight applied to
-// both, gfactor to the gradient (the caller scales the loss).
+// both, gfactor to the gradient (the caller scales the loss). score: the row's
+// score where p.scores is set and col is its label's column.
 // A zero weight and an ignored label give exactly zero, whatever the logit.
-template <int GK, class acc_t, class target_t>
-inline void element(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t x, const target_t* tgt, int64_t t_off,
-                    int64_t label, int64_t col, acc_t w, acc_t gfactor, acc_t& loss, acc_t& grad) {
+template <class L, class acc_t, class target_t>
+inline void element(const FocalParams& p, const L& fn, acc_t x, const target_t* tgt, int64_t t_off, int64_t label,
+                    acc_t score, int64_t col, acc_t w, acc_t gfactor, acc_t& loss, acc_t& grad) {
   acc_t l, g;
   if (p.labels) {
     if (label == p.ignore_index) {
@@ -308,25 +321,42 @@ inline void element(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t x, 
       grad = acc_t(0);
       return;
     }
-    focal_binary<GK, acc_t, acc_t>(x, col == label, k, l, g);
+    if (p.scores.data) {
+      fn.labelled(x, col == label, score, l, g);
+    } else {
+      fn.binary(x, col == label, l, g);
+    }
   } else {
-    focal_soft<GK, acc_t, acc_t>(x, static_cast<acc_t>(tgt[t_off]), k, l, g);
+    fn.dense(x, static_cast<acc_t>(tgt[t_off]), l, g);
   }
   const bool keep = w != acc_t(0);
   loss = keep ? l * w : acc_t(0);
   grad = keep ? g * w * gfactor : acc_t(0);
 }
 
+// The portable build on x86-64 is the fallback for CPUs without AVX2 (the AVX2
+// build serves the others): there the members other than the focal loss take
+// the scalar loop only. Each vector instantiation of the portable build costs
+// several seconds of compile time (at::vec's portable vectors are loops the
+// compiler unrolls); elsewhere (aarch64: NEON vectors) every member is vectorised.
+template <class L>
+constexpr bool kScalarOnly =
+#if defined(__x86_64__) && defined(CPU_CAPABILITY_DEFAULT)
+    !is_focal<L>::value;
+#else
+    false;
+#endif
+
 // One row segment [c0, c1) of row r. Returns nothing; accumulates into the sums.
-template <class scalar_t, class target_t, int GK>
+template <class scalar_t, class target_t, class L>
 struct Segment {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  static constexpr bool kVector = std::is_same_v<acc_t, float>;
+  static constexpr bool kVector = std::is_same_v<acc_t, float> && !kScalarOnly<L>;
 
   // factor scales the elementwise loss, gfactor the gradient (they differ when
   // the gradient is left unnormalised for backward).
-  static void run(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t factor, acc_t gfactor, int64_t r,
-                  int64_t c0, int64_t c1, Vec& vsum_io, double& ssum_io) {
+  static void run(const FocalParams& p, const L& fn, acc_t factor, acc_t gfactor, int64_t r, int64_t c0,
+                  int64_t c1, Vec& vsum_io, double& ssum_io) {
     // Locals, not references: the compiler cannot tell that the output stores
     // leave them alone, and would keep the sum in memory.
     const bool labels = p.labels;
@@ -360,6 +390,9 @@ struct Segment {
       }
       if (label < 0 || label > p.num_classes) label = -2;  // unreachable on CPU (checked); never matches
     }
+    // the row's score, where its class column lies in this segment
+    const acc_t score = p.scores.data && label >= c0 && label < c1 ? read_score<acc_t>(p, r) : acc_t(0);
+    const acc_t nf = fn.neg_factor();
 
     int64_t c = c0;
     if constexpr (kVector) {
@@ -369,6 +402,8 @@ struct Segment {
         const Vec vgfactor(gfactor);
         const Vec lanes = Vec::arange(0.0f, 1.0f);
         const Vec vlabel(static_cast<float>(label));
+        const Vec vscore(static_cast<float>(score));
+        const bool scores = p.scores.data != nullptr;
         // N vectors (N * kLanes elements from column cc) in lockstep.
         auto step = [&](auto n_tag, int64_t cc) __attribute__((always_inline)) {
           constexpr int N = decltype(n_tag)::value;
@@ -381,14 +416,23 @@ struct Segment {
                 const Vec cols = Vec(static_cast<float>(cc + i * kLanes)) + lanes;  // exact: C < 2^24
                 pos.v[i] = cols == vlabel;
               }
-              focal_binary<GK, VecN<N>, float>(vx, pos, k, l, g);
+              if (scores) {
+                VecN<N> vs;
+                for (int i = 0; i < N; ++i) vs.v[i] = vscore;
+                fn.labelled(vx, pos, vs, l, g);
+              } else {
+                fn.binary(vx, pos, l, g);
+              }
             } else {  // no positive among these columns: most of a row
-              focal_binary_y<GK, VecN<N>, float>(vx, YNegative<VecN<N>, float>{}, k, l, g);
+              fn.negative(vx, l, g);
+              const VecN<N> vnf(static_cast<float>(nf));
+              l = l * vnf;
+              g = g * vnf;
             }
           } else {
             VecN<N> vt;
             for (int i = 0; i < N; ++i) vt.v[i] = load_float(t + cc + i * kLanes);
-            focal_soft<GK, VecN<N>, float>(vx, vt, k, l, g);
+            fn.dense(vx, vt, l, g);
           }
           for (int i = 0; i < N; ++i) {
             const int64_t ci = cc + i * kLanes;
@@ -416,9 +460,14 @@ struct Segment {
           }
           Vec l, g;
           if (p.labels) {
-            focal_binary<GK, Vec, float>(Vec::loadu(xb), (Vec(static_cast<float>(c)) + lanes) == vlabel, k, l, g);
+            const Vec pos = (Vec(static_cast<float>(c)) + lanes) == vlabel;
+            if (scores) {
+              fn.labelled(Vec::loadu(xb), pos, vscore, l, g);
+            } else {
+              fn.binary(Vec::loadu(xb), pos, l, g);
+            }
           } else {
-            focal_soft<GK, Vec, float>(Vec::loadu(xb), Vec::loadu(tb), k, l, g);
+            fn.dense(Vec::loadu(xb), Vec::loadu(tb), l, g);
           }
           apply_weight(l, g, Vec::loadu(wb));
           vsum = vsum + l;
@@ -437,7 +486,8 @@ struct Segment {
     for (; c < c1; ++c) {
       acc_t l, g;
       const acc_t wv = w ? w[c * wcs] : acc_t(1);
-      element<GK, acc_t, target_t>(p, k, static_cast<acc_t>(x[c * xcs]), t, c * tcs, label, c, wv, gfactor, l, g);
+      element<L, acc_t, target_t>(p, fn, static_cast<acc_t>(x[c * xcs]), t, c * tcs, label, score, c, wv, gfactor, l,
+                                  g);
       ssum += static_cast<double>(l);
       if (grad) grad[out0 + c] = static_cast<scalar_t>(g);
       if (loss) loss[out0 + c] = static_cast<scalar_t>(l * factor);
@@ -449,7 +499,8 @@ struct Segment {
 
 // What the flat paths below share: the outputs of a group of vectors (scaled by
 // the given factors), and the loss sum kept in two parts, groups of the
-// all-negative math (alpha left out: it multiplies that part once at the end)
+// all-negative math (its neg_factor, alpha for the focal loss, left out: it
+// multiplies that part once at the end)
 // and the rest, each flushed into float64 every kFlushSteps groups.
 // Vectors per step of the flat paths (see labels_flat for the measurement).
 constexpr int kFlatVectors = 3;
@@ -477,33 +528,34 @@ struct FlatOut {
       steps = 0;
     }
   }
-  double result(float alpha_neg) {
+  double result(float neg_factor) {
     flush(sum, total);
     flush(sum_neg, total_neg);
-    return total + static_cast<double>(alpha_neg) * total_neg;
+    return total + static_cast<double>(neg_factor) * total_neg;
   }
 };
 
 // Contiguous class labels without a weight: the elements of [begin, end) run
 // flat, kGroup = 3 vectors at a time, whatever C is (no per-row work). A group
 // that holds no "special" element (a row's positive class, or any element of
-// an ignored row) takes the all-negative math, with alpha folded into the
-// output factors and into the sum of those groups; a group inside an ignored
+// an ignored row) takes the all-negative math, with the member's neg_factor
+// (alpha) folded into the output factors and into the sum of those groups; a
+// group inside an ignored
 // row is written as zeros; the few groups left (about one per positive row
 // and two per ignored row) build their masks by vector selects when C >= kGroup
 // (a group then spans at most two rows), else lane by lane. Three vectors in
 // lockstep measured fastest here (Zen 1, in cache: 3.08 / 2.90 / 2.93 ns per
 // element for 2 / 3 / 4; more independent work per step, still no spills).
 // Returns the range's unscaled loss sum.
-template <class scalar_t, int GK>
-double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float factor, float gfactor, int64_t begin,
-                   int64_t end) {
+template <class scalar_t, class L>
+double labels_flat(const FocalParams& p, const L& fn, float factor, float gfactor, int64_t begin, int64_t end) {
   constexpr int kN = kFlatVectors;
   constexpr int kGroup = kN * kLanes;
   const int64_t C = p.cols;
   const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
   const Vec vfactor(factor), vgfactor(gfactor);
-  const Vec neg_factor(k.alpha_neg * factor), neg_gfactor(k.alpha_neg * gfactor);
+  const Vec neg_factor(fn.neg_factor() * factor), neg_gfactor(fn.neg_factor() * gfactor);
+  const bool scores = p.scores.data != nullptr;
   FlatOut<scalar_t> out(p);
   auto label_of = [&](int64_t row) {
     return p.target.kind == ScalarKind::Int32 ? read_label<int32_t>(p, row) : read_label<int64_t>(p, row);
@@ -537,7 +589,7 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
     if (i + kGroup <= end && i + kGroup <= sb) {  // all negative
       VecN<kN> vx, l, g;
       for (int j = 0; j < kN; ++j) vx.v[j] = load_float(x + i + j * kLanes);
-      focal_binary_y<GK, VecN<kN>, float>(vx, YNegative<VecN<kN>, float, false>{}, k, l, g);
+      fn.negative(vx, l, g);
       for (int j = 0; j < kN; ++j) {
         out.sum_neg = out.sum_neg + l.v[j];
         out.emit(i + j * kLanes, l.v[j], g.v[j], neg_factor, neg_gfactor);
@@ -552,10 +604,21 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
         return lab >= 0 && lab < C ? static_cast<float>(lab) : -1.0f;
       };
       auto ignored_row = [&](int64_t row) { return row < p.rows && label_of(row) == p.ignore_index; };
+      // a row's score where its class column lies in [lo, hi) (the group's part of the row)
+      auto score_value = [&](int64_t row, int64_t lo, int64_t hi) {
+        if (!scores || row >= p.rows) return 0.0f;
+        const int64_t lab = label_of(row);
+        return lab >= lo && lab < hi && lab < C ? read_score<float>(p, row) : 0.0f;
+      };
       const Vec b(static_cast<float>(C - c));  // exact: C < 2^24
       const Vec lab0(label_value(r)), lab1(label_value(r + 1));
       const Vec keep0(ignored_row(r) ? 0.0f : 1.0f), keep1(ignored_row(r + 1) ? 0.0f : 1.0f);
-      VecN<kN> vx, pos, l, g;
+      Vec s0(0.0f), s1(0.0f);
+      if (scores) {
+        s0 = Vec(score_value(r, c, c + kGroup));
+        s1 = Vec(score_value(r + 1, 0, kGroup - (C - c)));
+      }
+      VecN<kN> vx, pos, vs, l, g;
       Vec keep[kN];
       for (int j = 0; j < kN; ++j) {
         vx.v[j] = load_float(x + i + j * kLanes);
@@ -564,8 +627,13 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
         const Vec col = Vec::blendv(lane - b, lane + Vec(static_cast<float>(c)), first);
         pos.v[j] = col == Vec::blendv(lab1, lab0, first);
         keep[j] = Vec::blendv(keep1, keep0, first);
+        vs.v[j] = Vec::blendv(s1, s0, first);
       }
-      focal_binary<GK, VecN<kN>, float>(vx, pos, k, l, g);
+      if (scores) {
+        fn.labelled(vx, pos, vs, l, g);
+      } else {
+        fn.binary(vx, pos, l, g);
+      }
       for (int j = 0; j < kN; ++j) {
         apply_weight(l.v[j], g.v[j], keep[j]);
         out.sum = out.sum + l.v[j];
@@ -573,24 +641,30 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
       }
     } else {  // lane by lane; lanes past end are padding with weight 0
       const int n = static_cast<int>(std::min<int64_t>(kGroup, end - i));
-      float xb[kGroup] = {}, posb[kGroup] = {}, keepb[kGroup] = {};
+      float xb[kGroup] = {}, posb[kGroup] = {}, keepb[kGroup] = {}, sb[kGroup] = {};
       int64_t row = r, col = c;  // of element i, from the condition above
       int64_t lab = label_of(row);
       for (int j = 0; j < n; ++j) {
         xb[j] = static_cast<float>(x[i + j]);
         posb[j] = col == lab ? 1.0f : 0.0f;
         keepb[j] = lab == p.ignore_index ? 0.0f : 1.0f;
+        if (scores && col == lab) sb[j] = read_score<float>(p, row);  // the class column's lane only
         if (++col == C && j + 1 < n) {
           col = 0;
           lab = label_of(++row);
         }
       }
-      VecN<kN> vx, pos, l, g;
+      VecN<kN> vx, pos, vs, l, g;
       for (int j = 0; j < kN; ++j) {
         vx.v[j] = Vec::loadu(xb + j * kLanes);
         pos.v[j] = Vec::loadu(posb + j * kLanes) == Vec(1.0f);
+        vs.v[j] = Vec::loadu(sb + j * kLanes);
       }
-      focal_binary<GK, VecN<kN>, float>(vx, pos, k, l, g);
+      if (scores) {
+        fn.labelled(vx, pos, vs, l, g);
+      } else {
+        fn.binary(vx, pos, l, g);
+      }
       for (int j = 0; j < kN; ++j) {
         apply_weight(l.v[j], g.v[j], Vec::loadu(keepb + j * kLanes));
         out.sum = out.sum + l.v[j];
@@ -611,24 +685,23 @@ double labels_flat(const FocalParams& p, const FocalCoeffs<float>& k, float fact
     }
     out.step();
   }
-  return out.result(k.alpha_neg);
+  return out.result(fn.neg_factor());
 }
 
 // Contiguous dense targets without a weight, over [begin, end) with end - begin
 // a multiple of kGroup (the caller runs the rest): three vectors per step, and a
 // step whose targets are all exactly 0 (most of a one-hot tensor) takes the
-// all-negative math of the label path, alpha folded in; other steps the general
-// (soft-target) math. Both give the same values up to float rounding.
-template <class scalar_t, class target_t, int GK>
-double dense_flat(const FocalParams& p, const FocalCoeffs<float>& k, float factor, float gfactor, int64_t begin,
-                  int64_t end) {
+// all-negative math of the label path, neg_factor folded in; other steps the
+// general (soft-target) math. Both give the same values up to float rounding.
+template <class scalar_t, class target_t, class L>
+double dense_flat(const FocalParams& p, const L& fn, float factor, float gfactor, int64_t begin, int64_t end) {
   constexpr int kN = kFlatVectors;
   constexpr int kGroup = kN * kLanes;
   constexpr int kAllZero = (1 << kLanes) - 1;
   const scalar_t* x = static_cast<const scalar_t*>(p.input.data);
   const target_t* t = static_cast<const target_t*>(p.target.data);
   const Vec vfactor(factor), vgfactor(gfactor);
-  const Vec neg_factor(k.alpha_neg * factor), neg_gfactor(k.alpha_neg * gfactor);
+  const Vec neg_factor(fn.neg_factor() * factor), neg_gfactor(fn.neg_factor() * gfactor);
   FlatOut<scalar_t> out(p);
   for (int64_t i = begin; i < end; i += kGroup) {
     VecN<kN> vx, vt, l, g;
@@ -639,13 +712,13 @@ double dense_flat(const FocalParams& p, const FocalCoeffs<float>& k, float facto
       negative = negative && vt.v[j].zero_mask() == kAllZero;  // -0 counts as 0; NaN does not
     }
     if (negative) {
-      focal_binary_y<GK, VecN<kN>, float>(vx, YNegative<VecN<kN>, float, false>{}, k, l, g);
+      fn.negative(vx, l, g);
       for (int j = 0; j < kN; ++j) {
         out.sum_neg = out.sum_neg + l.v[j];
         out.emit(i + j * kLanes, l.v[j], g.v[j], neg_factor, neg_gfactor);
       }
     } else {
-      focal_soft<GK, VecN<kN>, float>(vx, vt, k, l, g);
+      fn.dense(vx, vt, l, g);
       for (int j = 0; j < kN; ++j) {
         out.sum = out.sum + l.v[j];
         out.emit(i + j * kLanes, l.v[j], g.v[j], vfactor, vgfactor);
@@ -653,22 +726,21 @@ double dense_flat(const FocalParams& p, const FocalCoeffs<float>& k, float facto
     }
     out.step();
   }
-  return out.result(k.alpha_neg);
+  return out.result(fn.neg_factor());
 }
 
 // Processes elements [begin, end) of the grid; returns the unscaled sum of the
 // weighted losses in that range (in a fixed order for a given range).
-template <class scalar_t, class target_t, int GK>
-double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
-  using Seg = Segment<scalar_t, target_t, GK>;
+template <class scalar_t, class target_t, class L>
+double focal_range(const FocalParams& p, const L& fn, int64_t begin, int64_t end) {
+  using Seg = Segment<scalar_t, target_t, L>;
   using acc_t = typename Seg::acc_t;
-  const FocalCoeffs<acc_t> k = make_coeffs<acc_t>(p);
   acc_t factor = static_cast<acc_t>(p.scale);
   if (p.divisor) factor = factor / *static_cast<const acc_t*>(p.divisor);
   const acc_t gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
   if constexpr (Seg::kVector) {
     if (p.labels && p.contiguous && p.input.col_stride == 1 && !p.weight.data) {
-      return labels_flat<scalar_t, GK>(p, k, factor, gfactor, begin, end);
+      return labels_flat<scalar_t, L>(p, fn, factor, gfactor, begin, end);
     }
   }
   Vec vsum(0.0f);
@@ -678,7 +750,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
     if (!p.labels && p.contiguous && p.input.col_stride == 1 && p.target.col_stride == 1 && !p.weight.data) {
       constexpr int64_t kGroup = kFlatVectors * kLanes;
       i = begin + (end - begin) / kGroup * kGroup;
-      ssum = dense_flat<scalar_t, target_t, GK>(p, k, factor, gfactor, begin, i);
+      ssum = dense_flat<scalar_t, target_t, L>(p, fn, factor, gfactor, begin, i);
     }
   }
   if constexpr (Seg::kVector) {
@@ -698,10 +770,12 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
         return p.target.kind == ScalarKind::Int32 ? read_label<int32_t>(p, row) : read_label<int64_t>(p, row);
       };
       int64_t label = label_of(r);
+      const bool scores = p.scores.data != nullptr;
       for (; i + kLanes <= end; i += kLanes) {
-        float posb[kLanes], wb[kLanes];
+        float posb[kLanes], wb[kLanes], sb[kLanes];
         for (int j = 0; j < kLanes; ++j) {
           posb[j] = c == label ? 1.0f : 0.0f;
+          sb[j] = scores && c == label ? read_score<float>(p, r) : 0.0f;  // the class column's lane only
           const float wj = w ? w[r * p.weight.row_strides[0] + c * p.weight.col_stride] : 1.0f;
           wb[j] = label == p.ignore_index ? 0.0f : wj;
           if (++c == p.cols) {
@@ -710,7 +784,11 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
           }
         }
         Vec l, g;
-        focal_binary<GK, Vec, float>(load_float(x + i), Vec::loadu(posb) == one, k, l, g);
+        if (scores) {
+          fn.labelled(load_float(x + i), Vec::loadu(posb) == one, Vec::loadu(sb), l, g);
+        } else {
+          fn.binary(load_float(x + i), Vec::loadu(posb) == one, l, g);
+        }
         apply_weight(l, g, Vec::loadu(wb));
         vsum = vsum + l;
         if (grad) store_float(grad + i, g * vgfactor);
@@ -723,7 +801,7 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
     const int64_t r = i / p.cols;
     const int64_t c0 = i - r * p.cols;
     const int64_t c1 = std::min<int64_t>(p.cols, c0 + (end - i));
-    Seg::run(p, k, factor, gfactor, r, c0, c1, vsum, ssum);
+    Seg::run(p, fn, factor, gfactor, r, c0, c1, vsum, ssum);
     i += c1 - c0;
   }
   flush(vsum, ssum);
@@ -731,31 +809,34 @@ double focal_range(const FocalParams& p, int64_t begin, int64_t end) {
 }
 
 // Entry point with the same signature in every capability namespace: picks the
-// instantiation for the storage dtype, target kind and gamma class.
+// instantiation for the storage dtype, the target dtype and the member (and, for
+// the focal loss, its gamma class).
 inline double focal_range_dispatch(const FocalParams& p, int64_t begin, int64_t end) {
-  const bool two = p.gamma_int == 2;
-  auto by_gamma = [&](auto scalar_tag, auto target_tag) -> double {
+  auto by_loss = [&](auto scalar_tag) -> double {
     using S = decltype(scalar_tag);
-    using Tg = decltype(target_tag);
-    return two ? focal_range<S, Tg, kGammaTwo>(p, begin, end) : focal_range<S, Tg, kGammaAny>(p, begin, end);
-  };
-  auto by_target = [&](auto scalar_tag) -> double {
-    using S = decltype(scalar_tag);
-    if (p.labels || p.target.kind != ScalarKind::Float32 || std::is_same_v<S, float>) {
-      // labels are read through read_label; dense targets share the input's dtype
-      return by_gamma(scalar_tag, S{});
-    }
-    return by_gamma(scalar_tag, float{});  // reduced-precision logits with float32 targets
+    using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+    return with_loss<acc_t>(p, [&](const auto& fn) -> double {
+      using L = std::decay_t<decltype(fn)>;
+      if constexpr (is_focal<L>::value) {
+        if (p.labels || p.target.kind != ScalarKind::Float32 || std::is_same_v<S, float>) {
+          // labels are read through read_label; dense targets share the input's dtype
+          return focal_range<S, S, L>(p, fn, begin, end);
+        }
+        return focal_range<S, float, L>(p, fn, begin, end);  // reduced-precision logits with float32 targets
+      } else {
+        return focal_range<S, acc_t, L>(p, fn, begin, end);  // dense targets arrive in the compute type
+      }
+    });
   };
   switch (p.input.kind) {
     case ScalarKind::Float16:
-      return by_target(c10::Half{});
+      return by_loss(c10::Half{});
     case ScalarKind::BFloat16:
-      return by_target(c10::BFloat16{});
+      return by_loss(c10::BFloat16{});
     case ScalarKind::Float32:
-      return by_target(float{});
+      return by_loss(float{});
     case ScalarKind::Float64:
-      return by_target(double{});
+      return by_loss(double{});
     default:
       return 0.0;  // rejected by the op layer
   }

@@ -1,5 +1,7 @@
-// The fused CUDA kernels: forward (loss + gradient in one pass), the
-// deterministic finalisation of block partial sums, and the backward rescale.
+// The fused CUDA kernels of every family member: forward (loss + gradient in
+// one pass), the deterministic finalisation of block partial sums, and the
+// backward rescale. The member (csrc/losses/) is a template parameter L; its
+// functor object, with its options in the compute type, is a kernel argument.
 //
 // Lean headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h): the
 // tensor work happens in focal_op.cpp, which hands over a FocalParams.
@@ -35,7 +37,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../focal_math.h"
+#include "../core/math_ops.h"
+#include "../losses/family.h"
 #include "focal_cuda.h"
 #include "tuning.h"
 
@@ -85,11 +88,31 @@ __device__ __forceinline__ acc_t load_factor(const FocalParams& p, acc_t scale) 
   return scale;
 }
 
-// Loss and d loss / dx of one element, weight applied (not the factor).
+// The score of row r ((labels, scores) targets), read only where that row's
+// class column is computed.
+template <class acc_t>
+__device__ __forceinline__ acc_t load_score(const FocalParams& p, int64_t r) {
+  const int64_t o = p.contiguous ? r * p.scores.row_strides[0] : score_offset(p, r);
+  return static_cast<const acc_t*>(p.scores.data)[o];
+}
+
+// The member's value at a label row's element: the class column (pos) holds y =
+// the row's score (read here, for that column only) or 1 without scores.
+template <class L, class acc_t>
+__device__ __forceinline__ void label_value(const FocalParams& p, const L& fn, acc_t x, bool pos, int64_t r, acc_t& l,
+                                            acc_t& g) {
+  if (p.scores.data != nullptr) {
+    fn.labelled(x, pos, pos ? load_score<acc_t>(p, r) : acc_t(0), l, g);
+  } else {
+    fn.binary(x, pos, l, g);
+  }
+}
+
+// Loss and d loss / dx of element (r, col), weight applied (not the factor).
 // Labels: ignore_index gives zeros, a label outside [0, C] gives NaN (the CPU
 // path raises instead; the device never syncs to check, and reads nothing with it).
-template <int GK, class acc_t, class target_t>
-__device__ __forceinline__ void element(const FocalParams& p, const FocalCoeffs<acc_t>& k, acc_t x, target_t t,
+template <class L, class acc_t, class target_t>
+__device__ __forceinline__ void element(const FocalParams& p, const L& fn, acc_t x, target_t t, int64_t r,
                                         int64_t col, acc_t w, acc_t& loss, acc_t& grad) {
   acc_t l, g;
   if constexpr (std::is_integral_v<target_t>) {
@@ -104,9 +127,9 @@ __device__ __forceinline__ void element(const FocalParams& p, const FocalCoeffs<
       grad = acc_t(NAN);
       return;
     }
-    focal_binary<GK, acc_t, acc_t>(x, col == label, k, l, g);
+    label_value(p, fn, x, col == label, r, l, g);
   } else {
-    focal_soft<GK, acc_t, acc_t>(x, static_cast<acc_t>(t), k, l, g);
+    fn.dense(x, static_cast<acc_t>(t), l, g);
   }
   const bool keep = w != acc_t(0);  // a zero weight is an exact zero, even for an infinite loss
   loss = keep ? l * w : acc_t(0);
@@ -145,13 +168,14 @@ __device__ __forceinline__ LabelRow<acc_t> label_row(const FocalParams& p, targe
   return {valid ? label : -1, valid ? acc_t(1) : dropped, dropped, !ignored, valid};
 }
 
-// Vector-path element of a label row: same values as element() above. A zero
+// Vector-path element of label row r: same values as element() above. A zero
 // weight or an ignored row gives exact zeros, even for an infinite loss.
-template <int GK, bool kHasWeight, class acc_t>
-__device__ __forceinline__ void label_element(const FocalCoeffs<acc_t>& k, acc_t x, bool pos, const LabelRow<acc_t>& row,
-                                              acc_t w, acc_t& loss, acc_t& grad) {
+template <bool kHasWeight, class L, class acc_t>
+__device__ __forceinline__ void label_element(const FocalParams& p, const L& fn, acc_t x, bool pos,
+                                              const LabelRow<acc_t>& row, int64_t r, acc_t w, acc_t& loss,
+                                              acc_t& grad) {
   acc_t l, g;
-  focal_binary<GK, acc_t, acc_t>(x, pos, k, l, g);
+  label_value(p, fn, x, pos, r, l, g);
   if constexpr (kHasWeight) {
     const bool keep = row.keep && w != acc_t(0);
     const acc_t wf = w * row.f;
@@ -178,9 +202,8 @@ __device__ __forceinline__ void advance(int64_t& r, int64_t& c, int64_t dr, int6
 // applied (not the normaliser). kOneRow: the pack lies in one row (C is a
 // multiple of the pack), so the row's label is read once and the positive
 // column is found by one comparison per element against a constant.
-template <int GK, bool kHasWeight, bool kOneRow, int kVec, class scalar_t, class target_t, class acc_t>
-__device__ __forceinline__ void compute_pack(const FocalParams& p, const FocalCoeffs<acc_t>& k,
-                                             const Pack<scalar_t, kVec>& xv,
+template <bool kHasWeight, bool kOneRow, int kVec, class L, class scalar_t, class target_t, class acc_t>
+__device__ __forceinline__ void compute_pack(const FocalParams& p, const L& fn, const Pack<scalar_t, kVec>& xv,
                                              const Pack<target_t, std::is_integral_v<target_t> ? 1 : kVec>& tv,
                                              const target_t* __restrict__ t, int64_t r, int64_t c, int64_t w_rs,
                                              int64_t w_cs, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
@@ -194,7 +217,7 @@ __device__ __forceinline__ void compute_pack(const FocalParams& p, const FocalCo
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t w = kHasWeight ? wd[w0 + j * w_cs] : acc_t(1);
-      label_element<GK, kHasWeight>(k, pack_element<acc_t>(xv, j), j == rel, row, w, l[j], g[j]);
+      label_element<kHasWeight>(p, fn, pack_element<acc_t>(xv, j), j == rel, row, r, w, l[j], g[j]);
     }
   } else {
     [[maybe_unused]] LabelRow<acc_t> row;
@@ -208,9 +231,9 @@ __device__ __forceinline__ void compute_pack(const FocalParams& p, const FocalCo
       }
       const acc_t w = kHasWeight ? wd[r * w_rs + c * w_cs] : acc_t(1);
       if constexpr (kLabels) {
-        label_element<GK, kHasWeight>(k, pack_element<acc_t>(xv, j), c == row.cls, row, w, l[j], g[j]);
+        label_element<kHasWeight>(p, fn, pack_element<acc_t>(xv, j), c == row.cls, row, r, w, l[j], g[j]);
       } else {
-        element<GK>(p, k, pack_element<acc_t>(xv, j), tv.v[j], c, w, l[j], g[j]);
+        element(p, fn, pack_element<acc_t>(xv, j), tv.v[j], r, c, w, l[j], g[j]);
       }
       ++c;
     }
@@ -239,9 +262,9 @@ __device__ __forceinline__ void store_outputs(scalar_t* __restrict__ grad, scala
 // The vector path of the general kernel: kUnroll 16-byte packs per thread per
 // step of the grid-stride loop, their loads all issued before the first is
 // used (more bytes in flight); a thread's (row, col) advances without division.
-template <int GK, bool kHasWeight, bool kOneRow, int kUnroll, class scalar_t, class target_t, class acc_t>
-__device__ __forceinline__ double vector_loop(const FocalParams& p, const FocalCoeffs<acc_t>& k, int64_t npacks,
-                                              int64_t tid, int64_t step, acc_t factor, acc_t gfactor) {
+template <bool kHasWeight, bool kOneRow, int kUnroll, class scalar_t, class target_t, class L, class acc_t>
+__device__ __forceinline__ double vector_loop(const FocalParams& p, const L& fn, int64_t npacks, int64_t tid,
+                                              int64_t step, acc_t factor, acc_t gfactor) {
   constexpr bool kLabels = std::is_integral_v<target_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(p.input.data);
@@ -285,7 +308,7 @@ __device__ __forceinline__ double vector_loop(const FocalParams& p, const FocalC
     for (int u = 0; u < kUnroll; ++u) {
       if (v + u * step >= npacks) break;
       acc_t l[kVec], g[kVec];
-      compute_pack<GK, kHasWeight, kOneRow>(p, k, xv[u], tv[u], t, rr[u], cc[u], w_rs, w_cs, l, g);
+      compute_pack<kHasWeight, kOneRow>(p, fn, xv[u], tv[u], t, rr[u], cc[u], w_rs, w_cs, l, g);
       acc_t pack_sum = l[0];  // (0 + l[0] would be an addition: -0.0)
 #pragma unroll
       for (int j = 1; j < kVec; ++j) pack_sum += l[j];
@@ -299,20 +322,20 @@ __device__ __forceinline__ double vector_loop(const FocalParams& p, const FocalC
   return sum;
 }
 
-// The forward kernels' options in the compute type, made on the host: from
-// FocalParams' doubles inside the kernel, nvcc converted them again at each use
-// (it sank the conversion below the per-element alpha select: five
-// instructions per element instead of one; and the gradient factor's per pack).
+// The forward kernels' factors in the compute type, made on the host, as the
+// member's options are (its functor, made by with_loss): from FocalParams'
+// doubles inside the kernel, nvcc converted them again at each use (it sank the
+// conversion below the per-element alpha select: five instructions per element
+// instead of one; and the gradient factor's per pack).
 template <class acc_t>
 struct KernelConsts {
-  FocalCoeffs<acc_t> k;
   acc_t scale;
   acc_t grad_prescale;
 };
 
 template <class acc_t>
 KernelConsts<acc_t> make_consts(const FocalParams& p) {
-  return {make_coeffs<acc_t>(p), static_cast<acc_t>(p.scale), static_cast<acc_t>(p.grad_prescale)};
+  return {static_cast<acc_t>(p.scale), static_cast<acc_t>(p.grad_prescale)};
 }
 
 template <class acc_t>
@@ -341,14 +364,13 @@ __device__ __forceinline__ void write_block_partial(const FocalParams& p, double
 // path above where the tensors allow it, then a scalar grid-stride loop with
 // 64-bit indexing over the rest (all of it for strided, misaligned or float64
 // tensors).
-template <class scalar_t, class target_t, int GK, int kUnroll>
+template <class scalar_t, class target_t, class L, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
-    focal_forward_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool vectorized,
+    focal_forward_kernel(const FocalParams p, const L fn, const KernelConsts<acc_type<scalar_t>> kc, bool vectorized,
                          double* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLabels = std::is_integral_v<target_t>;
 
-  const FocalCoeffs<acc_t>& k = kc.k;
   const OutputFactors<acc_t> f = output_factors<acc_t>(p, kc);
   const int64_t n = p.rows * p.cols;
   const int64_t cols = p.cols;
@@ -372,11 +394,11 @@ __global__ void __launch_bounds__(kThreads)
       // (Unweighted labels with C a multiple of the pack run in the label-rows kernel.)
       const bool one_row = kLabels && cols % kVec == 0;
       if (one_row && has_weight) {
-        sum = vector_loop<GK, true, kLabels, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
+        sum = vector_loop<true, kLabels, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
       } else if (!has_weight) {
-        sum = vector_loop<GK, false, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
+        sum = vector_loop<false, false, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
       } else {
-        sum = vector_loop<GK, true, false, kUnroll, scalar_t, target_t>(p, k, npacks, tid, step, f.loss, f.grad);
+        sum = vector_loop<true, false, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
       }
     }
   }
@@ -395,7 +417,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     ow += c * w_cs;
     acc_t l, g;
-    element<GK>(p, k, static_cast<acc_t>(x[ox]), t[ot], c, load_weight<acc_t>(p, ow), l, g);
+    element(p, fn, static_cast<acc_t>(x[ox]), t[ot], r, c, load_weight<acc_t>(p, ow), l, g);
     sum += static_cast<double>(l);
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * f.grad);
     if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * f.loss);
@@ -463,15 +485,13 @@ __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnrol
   }
 }
 
-// A pack with y = 0 everywhere: no selects on the target, and alpha_neg left to
-// the caller.
-template <int GK, int kVec, class scalar_t, class acc_t>
-__device__ __forceinline__ void all_negative_pack(const FocalCoeffs<acc_t>& k, const Pack<scalar_t, kVec>& xv,
-                                                  acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+// A pack with y = 0 everywhere: the member's negative form (for the focal loss
+// no selects on the target), and its neg_factor (alpha) left to the caller.
+template <int kVec, class L, class scalar_t, class acc_t>
+__device__ __forceinline__ void all_negative_pack(const L& fn, const Pack<scalar_t, kVec>& xv, acc_t (&l)[kVec],
+                                                  acc_t (&g)[kVec]) {
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YNegative<acc_t, acc_t, false>{}, k, l[j], g[j]);
-  }
+  for (int j = 0; j < kVec; ++j) fn.negative(pack_element<acc_t>(xv, j), l[j], g[j]);
 }
 
 // Loss and gradient of one pack of the label-rows kernel whose first element is
@@ -489,20 +509,26 @@ __device__ __forceinline__ void all_negative_pack(const FocalCoeffs<acc_t>& k, c
 //    as the general kernel.
 // A pack inside one ignored row, bad label or zero-weight row never gets here:
 // the kernel fills it.
-template <int GK, bool kCross, bool kRowWeight, int kVec, class scalar_t, class target_t, class acc_t>
-__device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeffs<acc_t>& k,
-                                          const Pack<scalar_t, kVec>& xv, const LabelRow<acc_t>& row, target_t next_label,
-                                          acc_t w, acc_t next_w, int c, int cols, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
+// i0: the pack's first element; its row, i0 / C, is computed only to read a
+// score (a pack that holds a class column, with (labels, scores) targets).
+template <bool kCross, bool kRowWeight, int kVec, class L, class scalar_t, class target_t, class acc_t>
+__device__ __forceinline__ acc_t row_pack(const FocalParams& p, const L& fn, const Pack<scalar_t, kVec>& xv,
+                                          const LabelRow<acc_t>& row, target_t next_label, acc_t w, acc_t next_w,
+                                          int64_t i0, int c, int cols, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
   const acc_t wf = kRowWeight ? w : acc_t(1);  // the pack's weight where it lies in one row
   if constexpr (!kCross) {  // C a multiple of the pack: one row, and it counts (the kernel filled the others)
     const int64_t rel = row.cls - c;  // the class's place in this pack, if it is in it
     if (rel < 0 || rel >= kVec) {
-      all_negative_pack<GK>(k, xv, l, g);
-      return k.alpha_neg * wf;
+      all_negative_pack(fn, xv, l, g);
+      return fn.neg_factor() * wf;
     }
+    if (p.scores.data != nullptr) {
+      const acc_t sc = load_score<acc_t>(p, i0 / cols);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      focal_binary_y<GK, acc_t, acc_t>(pack_element<acc_t>(xv, j), YMask<acc_t, acc_t>{j == rel}, k, l[j], g[j]);
+      for (int j = 0; j < kVec; ++j) fn.labelled(pack_element<acc_t>(xv, j), j == rel, sc, l[j], g[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) fn.binary(pack_element<acc_t>(xv, j), j == rel, l[j], g[j]);
     }
     return wf;
   }
@@ -519,14 +545,15 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const FocalCoeff
   const bool negative =
       row.valid && row2.valid && weights_ok && !(rel >= 0 && rel < split) && !(cross && rel2 < kVec);
   if (negative) {
-    all_negative_pack<GK>(k, xv, l, g);
-    return k.alpha_neg * wf;
+    all_negative_pack(fn, xv, l, g);
+    return fn.neg_factor() * wf;
   }
+  const int64_t r = i0 / cols;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const bool second = j >= split;
-    label_element<GK, kRowWeight>(k, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel, second ? row2 : row,
-                                  second ? w2 : wf, l[j], g[j]);
+    label_element<kRowWeight>(p, fn, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel, second ? row2 : row,
+                              second ? r + 1 : r, second ? w2 : wf, l[j], g[j]);
   }
   return acc_t(1);
 }
@@ -554,15 +581,14 @@ constexpr int kRowMinBlocks = FOCAL_CUDA_ROW_MIN_BLOCKS > 0 ? FOCAL_CUDA_ROW_MIN
 // through row_pack. kCross: C is not a multiple of the pack (a separate
 // instantiation, so that C = 80 does not pay its registers); the last
 // n % kVec elements then take a scalar loop.
-template <class scalar_t, class target_t, int GK, int kUnroll, bool kCross, bool kRowWeight>
+template <class scalar_t, class target_t, class L, int kUnroll, bool kCross, bool kRowWeight>
 __global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRowWeight>))
-    focal_label_rows_kernel(const FocalParams p, const KernelConsts<acc_type<scalar_t>> kc, bool,
+    focal_label_rows_kernel(const FocalParams p, const L fn, const KernelConsts<acc_type<scalar_t>> kc, bool,
                             double* __restrict__ partials) {
   static_assert(std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>);
   using acc_t = acc_type<scalar_t>;
   using Step = RowStep<scalar_t, target_t, kUnroll>;
   constexpr int kVec = Step::kVec;
-  const FocalCoeffs<acc_t>& k = kc.k;
   const OutputFactors<acc_t> f = output_factors<acc_t>(p, kc);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -599,8 +625,8 @@ __global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRo
         store_outputs<kVec, scalar_t>(grad, loss, i0, l, g, f.loss, f.grad);
         continue;
       }
-      const acc_t a = row_pack<GK, kCross, kRowWeight>(p, k, cur.x[u], row, cur.next_label[u], cur.w[u],
-                                                       cur.next_w[u], cur.col[u], cols, l, g);
+      const acc_t a = row_pack<kCross, kRowWeight>(p, fn, cur.x[u], row, cur.next_label[u], cur.w[u], cur.next_w[u],
+                                                   i0, cur.col[u], cols, l, g);
       acc_t pack_sum = l[0];
 #pragma unroll
       for (int j = 1; j < kVec; ++j) pack_sum += l[j];
@@ -612,7 +638,7 @@ __global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRo
   for (int64_t i = npacks * kVec + tid; kCross && i < n; i += step) {  // fewer than kVec elements
     const int64_t r = i / cols;
     acc_t l, g;
-    element<GK>(p, k, static_cast<acc_t>(x[i]), t[r], i - r * cols, kRowWeight ? wd[r * w_rs] : acc_t(1), l, g);
+    element(p, fn, static_cast<acc_t>(x[i]), t[r], r, i - r * cols, kRowWeight ? wd[r * w_rs] : acc_t(1), l, g);
     sum += static_cast<double>(l);
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * f.grad);
     if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * f.loss);
@@ -710,57 +736,61 @@ int64_t grid_size(int64_t n, int device, int resident_blocks_per_sm) {
 
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0; }
 
-template <class scalar_t>
-using ForwardKernel = void (*)(const FocalParams, const KernelConsts<acc_type<scalar_t>>, bool, double*);
+template <class scalar_t, class L>
+using ForwardKernel = void (*)(const FocalParams, const L, const KernelConsts<acc_type<scalar_t>>, bool, double*);
 
-// One kernel variant: the logits' type, the targets' type and the gamma kind.
-template <class S, class T, int G>
+// One kernel variant: the logits' type, the targets' type and the member.
+template <class S, class T, class L>
 struct Variant {
   using scalar_t = S;
   using target_t = T;
-  static constexpr int GK = G;
+  using loss_t = L;
 };
 
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls f(Variant<scalar_t, target_t, GK>{}) for p's dtypes and gamma. Tags rather than
-// explicit lambda template parameters: those are C++20, and torch before 2.12 (the GPU
-// machine has 2.11) builds extensions as C++17.
-template <class F>
-void dispatch_forward(const FocalParams& p, F&& f) {
-  const auto by_gamma = [&](auto scalar, auto target) {
-    using scalar_t = typename decltype(scalar)::type;
-    using target_t = typename decltype(target)::type;
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 is for gradcheck: one general variant
-      if (p.gamma_int == 2) return f(Variant<scalar_t, target_t, kGammaTwo>{});
+// Calls f(Variant<scalar_t, target_t, L>{}, member) for p's dtypes and member.
+// Function templates rather than nested generic lambdas (nvcc's front end
+// mistakes a type taken from an outer lambda's parameter for a reference in the
+// inner one), and no explicit lambda template parameters (C++20: torch before
+// 2.12 builds extensions as C++17). The focal loss is built for int32 and int64
+// labels and for 16-bit dense targets beside float32; the other members for int64
+// labels and dense targets in the compute type (plan.cpp converts the rest).
+template <class scalar_t, class L, class F>
+void dispatch_target(const FocalParams& p, const L& fn, F& f) {
+  using acc_t = acc_type<scalar_t>;
+  if (p.labels) {
+    if constexpr (is_focal<L>::value) {
+      if (p.target.kind == ScalarKind::Int32) return f(Variant<scalar_t, int32_t, L>{}, fn);
     }
-    return f(Variant<scalar_t, target_t, kGammaAny>{});
-  };
-  const auto by_target = [&](auto scalar) {
-    using scalar_t = typename decltype(scalar)::type;
-    if (p.labels) {
-      if (p.target.kind == ScalarKind::Int32) return by_gamma(scalar, TypeTag<int32_t>{});
-      return by_gamma(scalar, TypeTag<int64_t>{});
-    }
+    return f(Variant<scalar_t, int64_t, L>{}, fn);
+  }
+  if constexpr (is_focal<L>::value) {
     if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
       if (p.target.kind == ScalarKind::Float32) {  // AMP: reduced-precision logits, float32 targets
-        return by_gamma(scalar, TypeTag<float>{});
+        return f(Variant<scalar_t, float, L>{}, fn);
       }
     }
-    return by_gamma(scalar, TypeTag<scalar_t>{});
-  };
+    return f(Variant<scalar_t, scalar_t, L>{}, fn);
+  } else {
+    return f(Variant<scalar_t, acc_t, L>{}, fn);
+  }
+}
+
+template <class scalar_t, class F>
+void dispatch_member(const FocalParams& p, F& f) {
+  with_loss<acc_type<scalar_t>>(p, [&](const auto& fn) { dispatch_target<scalar_t>(p, fn, f); });
+}
+
+template <class F>
+void dispatch_forward(const FocalParams& p, F&& f) {
   switch (p.input.kind) {
     case ScalarKind::Float16:
-      return by_target(TypeTag<c10::Half>{});
+      return dispatch_member<c10::Half>(p, f);
     case ScalarKind::BFloat16:
-      return by_target(TypeTag<c10::BFloat16>{});
+      return dispatch_member<c10::BFloat16>(p, f);
     case ScalarKind::Float32:
-      return by_target(TypeTag<float>{});
+      return dispatch_member<float>(p, f);
     case ScalarKind::Float64:
-      return by_target(TypeTag<double>{});
+      return dispatch_member<double>(p, f);
     default:
       return;  // rejected by the op layer
   }
@@ -774,16 +804,16 @@ template <class scalar_t>
 constexpr int kRowUnrollPacks = sizeof(scalar_t) == 4 ? FOCAL_CUDA_ROW_PACKS_F32 : FOCAL_CUDA_ROW_PACKS_F16;
 
 // The kernel for a launch, and whether its tensors allow the vector path.
-template <class scalar_t>
+template <class scalar_t, class L>
 struct ForwardLaunch {
-  ForwardKernel<scalar_t> kernel;
+  ForwardKernel<scalar_t, L> kernel;
   bool vectorized;
 };
 
-template <class scalar_t, class target_t, int GK>
-ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
+template <class scalar_t, class target_t, class L>
+ForwardLaunch<scalar_t, L> forward_launch(const FocalParams& p) {
   if constexpr (std::is_same_v<scalar_t, double>) {  // no vector path
-    return {focal_forward_kernel<scalar_t, target_t, GK, 1>, false};
+    return {focal_forward_kernel<scalar_t, target_t, L, 1>, false};
   } else {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vectorized = p.contiguous && aligned16(p.input.data) &&
@@ -796,14 +826,14 @@ ForwardLaunch<scalar_t> forward_launch(const FocalParams& p) {
         constexpr int kU = kRowUnrollPacks<scalar_t>;
         const bool cross = p.cols % kVec != 0;
         if (row_weight) {
-          if (cross) return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, true, true>, true};
-          return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, false, true>, true};
+          if (cross) return {focal_label_rows_kernel<scalar_t, target_t, L, kU, true, true>, true};
+          return {focal_label_rows_kernel<scalar_t, target_t, L, kU, false, true>, true};
         }
-        if (cross) return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, true, false>, true};
-        return {focal_label_rows_kernel<scalar_t, target_t, GK, kU, false, false>, true};
+        if (cross) return {focal_label_rows_kernel<scalar_t, target_t, L, kU, true, false>, true};
+        return {focal_label_rows_kernel<scalar_t, target_t, L, kU, false, false>, true};
       }
     }
-    return {focal_forward_kernel<scalar_t, target_t, GK, kUnrollPacks<scalar_t>>, vectorized};
+    return {focal_forward_kernel<scalar_t, target_t, L, kUnrollPacks<scalar_t>>, vectorized};
   }
 }
 
@@ -817,9 +847,9 @@ int resident_blocks(Kernel kernel) {
 
 int64_t forward_grid(const FocalParams& p, int device) {
   int64_t grid = 1;
-  dispatch_forward(p, [&](auto v) {
+  dispatch_forward(p, [&](auto v, const auto&) {
     using V = decltype(v);
-    const auto kernel = forward_launch<typename V::scalar_t, typename V::target_t, V::GK>(p).kernel;
+    const auto kernel = forward_launch<typename V::scalar_t, typename V::target_t, typename V::loss_t>(p).kernel;
     grid = grid_size(p.rows * p.cols, device, resident_blocks(kernel));
   });
   return grid;
@@ -842,11 +872,11 @@ void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, 
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
   const int64_t grid = p.reduction == Reduction::Sum ? nblocks : forward_grid(p, device);
-  dispatch_forward(p, [&](auto v) {
+  dispatch_forward(p, [&](auto v, const auto& fn) {
     using V = decltype(v);
     using scalar_t = typename V::scalar_t;
-    const ForwardLaunch<scalar_t> launch = forward_launch<scalar_t, typename V::target_t, V::GK>(p);
-    launch.kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, make_consts<acc_type<scalar_t>>(p),
+    const auto launch = forward_launch<scalar_t, typename V::target_t, typename V::loss_t>(p);
+    launch.kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, fn, make_consts<acc_type<scalar_t>>(p),
                                                                          launch.vectorized,
                                                                          static_cast<double*>(partials));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

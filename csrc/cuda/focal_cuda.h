@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "../focal_params.h"
+#include "../core/params.h"
 
 namespace focal::cuda {
 

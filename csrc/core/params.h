@@ -1,8 +1,10 @@
-// Plain description of one focal-loss launch, shared by the CPU and CUDA kernels.
+// Plain description of one launch of a family member's fused kernel, shared by
+// the CPU and CUDA kernels.
 //
-// No torch types here: the op layer (focal_op.cpp) checks the tensors, collapses
-// their shapes and fills this struct; kernels only read it. That keeps the .cu
-// file on lean headers and lets the same struct drive every kernel variant.
+// No torch types here: the op layer (csrc/ops/plan.cpp) checks the tensors,
+// collapses their shapes and fills this struct; kernels only read it. That
+// keeps the .cu file on lean headers and lets the same struct drive every
+// kernel and every member of the family.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +29,26 @@ enum class ScalarKind : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float6
 // Mean is expressed as Sum with a divisor, so kernels only know these two.
 enum class Reduction : int32_t { None = 0, Sum = 1 };
 
+// The members of the family (csrc/losses/), one functor each.
+enum class LossKind : int32_t {
+  Focal = 0,         // sigmoid focal loss (RetinaNet)
+  FocalSmooth = 1,   // the same with label smoothing (EfficientDet)
+  QualityFocal = 2,  // GFL / RTMDet
+  Varifocal = 3,     // VarifocalNet, RT-DETR, ultralytics
+  FocalStar = 4,     // FL*, the RetinaNet paper's appendix
+  IoUAwareBCE = 5,   // LW-DETR, RF-DETR
+};
+
+// Every member's options; each functor reads the ones it has (its make()).
+struct LossOptions {
+  double alpha = 0.25;  // focal, FL*: -1 = no alpha weighting; varifocal: scale of negatives; IoU-BCE: exponent
+  double gamma = 2.0;
+  double beta = 0.0;       // quality focal: the exponent; FL*: the shift
+  double smoothing = 0.0;  // focal with label smoothing
+  bool iou_weighted = true;
+  bool detach_weight = false;
+};
+
 // One strided operand over the [rows, cols] element grid. An element (r, c)
 // lives at data + row_offset(r) + c * col_stride (in elements, not bytes);
 // row_offset comes from the shared leading sizes and this operand's row_strides.
@@ -48,13 +70,17 @@ struct FocalParams {
   Operand input;   // logits
   Operand target;  // dense targets [.., C] or class labels [..] (col_stride 0)
   Operand weight;  // float32 (float64 for float64 input); data == nullptr: no weight
+  // (labels, scores) targets: one score per row in the compute type (col_stride
+  // 0), read only for a row whose label is a class, and only where the row's
+  // class column is computed; data == nullptr: plain labels (y = 1 there).
+  Operand scores;
 
   bool labels = false;      // target holds one class index per row
   int64_t num_classes = 0;  // C, the valid label range is [0, C]; C means background
   int64_t ignore_index = -1;
 
   // ndim <= 1, input (and dense target) row-major dense: offset == row * cols + col.
-  // Weight may still be strided: its offset is row * row_strides[0] + col * col_stride.
+  // Weight and scores may still be strided: offset row * row_strides[0] (+ col * col_stride).
   bool contiguous = false;
 
   // Outputs, always contiguous over the rows x cols grid, in the input's dtype.
@@ -67,11 +93,8 @@ struct FocalParams {
   // normaliser and multiplied by a loss scale later.
   double grad_prescale = 0.0;
 
-  // Loss options. alpha < 0 (disabled) arrives as alpha_pos == alpha_neg == 1.
-  double alpha_pos = 0.25;
-  double alpha_neg = 0.75;
-  double gamma = 2.0;
-  int32_t gamma_int = 2;  // gamma when it is an integer in [0, 16], else -1
+  LossKind loss_kind = LossKind::Focal;
+  LossOptions options;
 
   Reduction reduction = Reduction::None;
   // Reduction::Sum: the 0-d total is written in the compute type (float32, float64
@@ -97,6 +120,18 @@ FOCAL_HD void row_offsets(const FocalParams& p, int64_t r, int64_t& ox, int64_t&
     ot += i * p.target.row_strides[d];
     ow += i * p.weight.row_strides[d];
   }
+}
+
+// Offset (in elements) of row r's score.
+FOCAL_HD int64_t score_offset(const FocalParams& p, int64_t r) {
+  int64_t o = 0;
+  for (int d = p.ndim - 1; d >= 0; --d) {
+    const int64_t size = p.row_sizes[d];
+    const int64_t i = (d == 0) ? r : r % size;
+    r = (d == 0) ? 0 : r / size;
+    o += i * p.scores.row_strides[d];
+  }
+  return o;
 }
 
 }  // namespace focal
