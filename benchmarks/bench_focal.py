@@ -11,6 +11,17 @@ Every case is one problem (batch x anchors x classes, dtype, reduction) solved b
   compile_labels  torch.compile of one-hot + formula from the labels (the strongest generic baseline)
   torchvision     torchvision.ops.sigmoid_focal_loss on the one-hot targets, when installed
 
+The family sweep (a case with loss= one of FAMILY, on (labels, scores) targets, 10% positive
+anchors) races each member the same way:
+
+  fused_labels    the member's focal_cuda function on (labels, scores)
+  fused_focal     focal_cuda.sigmoid_focal_loss on the same input (the member's cost relative to it)
+  eager_labels    the member's plain-PyTorch twin (focal_cuda.reference) on (labels, scores)
+  eager_dense     the member's formula as detection frameworks write it, on a pre-built dense
+                  one-hot-times-score target
+  compile_dense   torch.compile of that formula on the dense target
+  compile_labels  torch.compile of the densification and the formula together
+
 Each is timed forward-only (no_grad) and forward+backward (loss.backward(), gradient freed after),
 reporting the median of repeated runs after warm-up (CUDA events on GPU, perf_counter on CPU, where
 a measurement keeps sampling for at least 1 s so fast variants get dozens of samples), the
@@ -22,7 +33,7 @@ measured in the same run. torch.compile times are warm; the compile itself is re
     python benchmarks/bench_focal.py --quick    # CPU-sized: COCO RetinaNet, batch 1
     python benchmarks/bench_focal.py --full     # GPU sweep: batches 1-16, C = 80/91/264, dtypes
 
-Writes a markdown table to stdout and <out>/<date>-<machine>.{json,md,png}.
+Writes a markdown table to stdout and <out>/<date>-<machine>/bench.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import focal_cuda  # noqa: E402
 from focal_cuda._results import cpu_model, run_dir_name  # noqa: E402
+from focal_cuda import reference as R  # noqa: E402
 from focal_cuda.reference import focal_terms  # noqa: E402
 
 try:
@@ -59,6 +71,24 @@ except Exception:  # torchvision is optional
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ALPHA, GAMMA = 0.25, 2.0
+
+# The family's members as the sweep races them: the fused function, its options, the twin, and the
+# elementwise formula on a dense target (y, the positive mask) as mmdet, ultralytics and HF write it.
+FAMILY = {
+    "focal": (focal_cuda.sigmoid_focal_loss, dict(alpha=ALPHA, gamma=GAMMA), R.sigmoid_focal_loss,
+              lambda x, y, pos: focal_terms(x, y, ALPHA, GAMMA)),
+    "focal_smoothing": (focal_cuda.sigmoid_focal_loss, dict(alpha=ALPHA, gamma=GAMMA, label_smoothing=0.1),
+                        R.sigmoid_focal_loss, lambda x, y, pos: focal_terms(x, y, ALPHA, GAMMA, 0.1)),
+    "quality_focal": (focal_cuda.quality_focal_loss, dict(beta=2.0), R.quality_focal_loss,
+                      lambda x, y, pos: R.quality_focal_terms(x, y, 2.0)),
+    "varifocal": (focal_cuda.varifocal_loss, dict(alpha=0.75, gamma=2.0), R.varifocal_loss,
+                  lambda x, y, pos: R.varifocal_terms(x, y, pos, 0.75, 2.0, True, False)),
+    "focal_star": (focal_cuda.sigmoid_focal_loss_star, dict(alpha=ALPHA, gamma=2.0, beta=1.0),
+                   R.sigmoid_focal_loss_star, lambda x, y, pos: R.focal_star_terms(x, y, ALPHA, 2.0, 1.0)),
+    "iou_aware_bce": (focal_cuda.iou_aware_bce_loss, dict(alpha=0.25, gamma=2.0), R.iou_aware_bce_loss,
+                      lambda x, y, pos: R.iou_aware_bce_terms(x, y, pos, 0.25, 2.0)),
+}
+FAMILY_VARIANTS = ["fused_labels", "fused_focal", "eager_labels", "eager_dense", "compile_dense", "compile_labels"]
 
 
 @dataclass
@@ -70,10 +100,17 @@ class Case:
     dtype: str = "fp32"
     reduction: str = "sum"  # "sum" (with the positive-anchor normalizer) or "none"
     variants: Optional[List[str]] = None  # None: all
+    loss: str = "focal"  # a member of FAMILY
+    targets: str = "labels"  # "labels", or "scores": (labels, scores) with 10% positive anchors
+
+    @property
+    def family(self) -> bool:
+        return self.loss != "focal" or self.targets != "labels"
 
     @property
     def label(self) -> str:
-        return f"{self.name} b{self.batch} {self.anchors}x{self.classes} {self.dtype} {self.reduction}"
+        text = f"{self.name} b{self.batch} {self.anchors}x{self.classes} {self.dtype} {self.reduction}"
+        return text + (f" {self.loss} ({self.targets})" if self.family else "")
 
     @property
     def numel(self) -> int:
@@ -86,12 +123,16 @@ ALL_VARIANTS = ["fused_labels", "fused_dense", "eager_labels", "eager_dense", "c
                 "torchvision"]
 
 
+def family_cases(batch: int) -> List[Case]:
+    return [Case("coco", batch, *COCO, "fp32", "sum", None, loss, "scores") for loss in FAMILY]
+
+
 def preset(name: str) -> List[Case]:
-    if name == "quick":  # CPU: the COCO problem at batch 1
+    if name == "quick":  # CPU: the COCO problem at batch 1, then the family sweep
         return [
             Case("coco", 1, *COCO, "fp32", "sum"),
             Case("coco", 1, *COCO, "bf16", "sum", ["fused_labels", "eager_dense", "compile_dense"]),
-        ]
+        ] + family_cases(1)
     # the issue's headline cases first, so a run stopped at a time limit still has them
     cases = [Case("coco", 16, *COCO, dt, "sum") for dt in ("fp32", "bf16")]
     cases += [Case("coco", b, *COCO, "fp32", "sum") for b in (1, 2, 8)]
@@ -99,6 +140,7 @@ def preset(name: str) -> List[Case]:
     cases += [Case("coco", 16, *COCO, "fp32", "none")]
     cases += [Case("torchvision91", 8, *TV91, "fp32", "sum")]
     cases += [Case("mlperf", b, *MLPERF, dt, "sum") for b in (8, 32) for dt in ("fp32", "bf16")]
+    cases += family_cases(16)
     return cases
 
 
@@ -238,8 +280,10 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> Optional[flo
 class Inputs:
     x: torch.Tensor  # logits, leaf, requires grad
     labels: torch.Tensor  # int64 [B, A]
-    dense: torch.Tensor  # one-hot [B, A, C] in the logits' dtype
+    dense: torch.Tensor  # one-hot [B, A, C] (times the score, family cases) in the logits' dtype
     num_pos: torch.Tensor  # number of positive anchors, clamped >= 1 (device tensor)
+    scores: Optional[torch.Tensor] = None  # family cases: float32 [B, A], the matched box's IoU
+    positive: Optional[torch.Tensor] = None  # family cases: the one-hot mask [B, A, C]
 
 
 def make_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
@@ -247,15 +291,21 @@ def make_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
     dtype = DTYPES[case.dtype]
     B, A, C = case.batch, case.anchors, case.classes
     x = torch.randn(B, A, C, device=device, dtype=torch.float32, generator=g).mul_(2.0).sub_(4.0).to(dtype)
-    # RetinaNet-like matching: ~1% positives, ~10% ignored (between thresholds), the rest background
+    # RetinaNet-like matching: ~1% positives (family cases: 10%), ~10% ignored (between thresholds),
+    # the rest background
+    pos_frac = 0.10 if case.family else 0.01
     u = torch.rand(B, A, device=device, generator=g)
     cls = torch.randint(0, C, (B, A), device=device, generator=g)
-    labels = torch.where(u < 0.01, cls, torch.full_like(cls, C))
-    labels = torch.where((u >= 0.01) & (u < 0.11), torch.full_like(cls, -1), labels)
-    dense = F.one_hot(labels.clamp_min(0), C + 1)[..., :C].to(dtype)
-    # the torchvision formula has no ignore: ignored anchors count as background in the dense forms
+    labels = torch.where(u < pos_frac, cls, torch.full_like(cls, C))
+    labels = torch.where((u >= pos_frac) & (u < pos_frac + 0.10), torch.full_like(cls, -1), labels)
+    onehot = F.one_hot(labels.clamp_min(0), C + 1)[..., :C]
+    # the dense formulas have no ignore: ignored anchors count as background in the dense forms
     num_pos = ((labels >= 0) & (labels < C)).sum().clamp_min(1)
-    return Inputs(x.requires_grad_(), labels, dense, num_pos)
+    if not case.family:
+        return Inputs(x.requires_grad_(), labels, onehot.to(dtype), num_pos)
+    scores = torch.rand(B, A, device=device, generator=g).mul_(0.9).add_(0.1)  # IoU of the matched box
+    dense = onehot.to(dtype) * scores.unsqueeze(-1).to(dtype)
+    return Inputs(x.requires_grad_(), labels, dense, num_pos, scores, onehot.bool())
 
 
 def variant_fns(case: Case, device: torch.device):
@@ -265,6 +315,9 @@ def variant_fns(case: Case, device: torch.device):
 
     def finish(loss_elementwise, n):
         return loss_elementwise.sum() / n if red == "sum" else loss_elementwise / n
+
+    if case.family:
+        return family_fns(case, finish)
 
     def fused_labels(inp: Inputs):
         return focal_cuda.sigmoid_focal_loss(inp.x, inp.labels, ALPHA, GAMMA, red, normalizer=inp.num_pos)
@@ -300,11 +353,43 @@ def variant_fns(case: Case, device: torch.device):
     return fns
 
 
+def family_fns(case: Case, finish):
+    fused, options, twin, terms = FAMILY[case.loss]
+    C, red = case.classes, case.reduction
+
+    def densify(x, labels, scores):
+        onehot = F.one_hot(labels.clamp_min(0), C + 1)[..., :C]
+        return onehot.to(x.dtype) * scores.unsqueeze(-1).to(x.dtype), onehot.bool()
+
+    def formula_dense(x, y, positive, n):
+        return finish(terms(x, y, positive), n)
+
+    def formula_labels(x, labels, scores, n):
+        y, positive = densify(x, labels, scores)
+        return finish(terms(x, y, positive), n)
+
+    compiled_dense = torch.compile(formula_dense, fullgraph=True, dynamic=False)
+    compiled_labels = torch.compile(formula_labels, fullgraph=True, dynamic=False)
+    return {
+        "fused_labels": lambda inp: fused(inp.x, (inp.labels, inp.scores), **options, reduction=red,
+                                          normalizer=inp.num_pos),
+        "fused_focal": lambda inp: focal_cuda.sigmoid_focal_loss(inp.x, (inp.labels, inp.scores), ALPHA, GAMMA, red,
+                                                                 normalizer=inp.num_pos),
+        "eager_labels": lambda inp: twin(inp.x, (inp.labels, inp.scores), **options, reduction=red,
+                                         normalizer=inp.num_pos, validate=False),
+        "eager_dense": lambda inp: formula_dense(inp.x, inp.dense, inp.positive, inp.num_pos),
+        "compile_dense": lambda inp: compiled_dense(inp.x, inp.dense, inp.positive, inp.num_pos),
+        "compile_labels": lambda inp: compiled_labels(inp.x, inp.labels, inp.scores, inp.num_pos),
+    }
+
+
 def min_bytes(case: Case, grad: bool, dense_targets: bool = False) -> int:
     """Fewest bytes the fused computation moves (docs/design.md, the byte floor), label targets unless told."""
     s = torch.finfo(DTYPES[case.dtype]).bits // 8
     n = case.numel
     total = n * s + case.batch * case.anchors * 8  # read logits and int64 labels
+    if case.targets == "scores":
+        total += case.batch * case.anchors * 4  # and float32 scores
     if dense_targets:
         total += n * s
     if grad:
@@ -355,7 +440,7 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, log) -> d
     del dst
     log(f"  copy: {copy_ms:.3f} ms, {copy_gbps:.1f} GB/s")
 
-    names = [v for v in (case.variants or ALL_VARIANTS) if v in fns]
+    names = [v for v in (case.variants or (FAMILY_VARIANTS if case.family else ALL_VARIANTS)) if v in fns]
     for name in names:
         fn = fns[name]
         entry: Dict[str, object] = {}
@@ -402,8 +487,14 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, log) -> d
     # correctness guard: the fused loss agrees with the eager reference on this very problem
     with torch.no_grad():
         a = fns["fused_labels"](inputs[0]).double()
-        b = focal_cuda.reference.sigmoid_focal_loss(inputs[0].x.double(), inputs[0].labels, ALPHA, GAMMA,
-                                                    case.reduction, normalizer=inputs[0].num_pos, validate=False)
+        inp = inputs[0]
+        if case.family:
+            _, options, twin, _ = FAMILY[case.loss]
+            b = twin(inp.x.double(), (inp.labels, inp.scores), **options, reduction=case.reduction,
+                     normalizer=inp.num_pos, validate=False)
+        else:
+            b = focal_cuda.reference.sigmoid_focal_loss(inp.x.double(), inp.labels, ALPHA, GAMMA, case.reduction,
+                                                        normalizer=inp.num_pos, validate=False)
         rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
     result["fused_vs_reference_max_rel_err"] = rel
     derive(result, case)
@@ -427,6 +518,8 @@ def derive(result: dict, case: Case) -> None:
             v["x_vs_eager_dense"] = ok["eager_dense"]["fwdbwd_ms"] / v["fwdbwd_ms"]
         if best_compile:
             v["x_vs_best_compile"] = best_compile / v["fwdbwd_ms"]
+        if "fused_focal" in ok:
+            v["of_focal"] = v["fwdbwd_ms"] / ok["fused_focal"]["fwdbwd_ms"]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -450,12 +543,12 @@ def markdown(results: List[dict], info: dict) -> str:
             f"floor {r['min_bytes']['fwdbwd'] / r['elements']:.2f} B/logit fwd+bwd)",
             "",
             "| variant | fwd ms | fwd+bwd ms | x eager (labels) | x eager (dense) | x best compile | GB/s | % of copy "
-            "| peak MB | compile s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| peak MB | compile s | time / focal's |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, v in r["variants"].items():
             if "skipped" in v:
-                lines.append(f"| {name} | skipped: {v['skipped']} |||||||||")
+                lines.append(f"| {name} | skipped: {v['skipped']} ||||||||||")
                 continue
             comp = v.get("compile_s")
             lines.append(
@@ -463,7 +556,7 @@ def markdown(results: List[dict], info: dict) -> str:
                 f"| {fmt(v.get('x_vs_eager_labels'), '.1f')} | {fmt(v.get('x_vs_eager_dense'), '.1f')} "
                 f"| {fmt(v.get('x_vs_best_compile'), '.2f')} | {fmt(v.get('fwdbwd_gbps'), '.1f')} "
                 f"| {fmt(v.get('pct_copy'), '.0f')} | {fmt(v.get('peak_mb'), '.0f')} "
-                f"| {fmt(comp['fwdbwd'] + comp['fwd'] if comp else None, '.1f')} |"
+                f"| {fmt(comp['fwdbwd'] + comp['fwd'] if comp else None, '.1f')} | {fmt(v.get('of_focal'), '.2f')} |"
             )
         lines += ["", f"fused vs float64 reference, max relative error of the loss: "
                       f"{r['fused_vs_reference_max_rel_err']:.1e}", ""]

@@ -251,3 +251,73 @@ def test_emulated_knob_builds_match_cpu_op(emu_knobs, dtype, C, kind, weighted):
         torch.testing.assert_close(grad.double(), ref_grad.double(), **close(dtype))
         total, _, _ = emu_forward(emu, x, t, w, 0.25, 2.0, -1, True, False, 1.0, None, grid, False)
         torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
+
+
+# ----------------------------------------------------------------------------- the family's members
+
+from family import make_family_targets  # noqa: E402
+
+# each member as the emulated op takes it (loss_kind: csrc/core/params.h's LossKind), and as the public
+# function (the CPU op, an independent kernel) does
+MEMBER_CALLS = {
+    "focal_smoothing": (dict(loss_kind=0, alpha=0.25, gamma=2.0, label_smoothing=0.1),
+                        lambda x, t, **kw: focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, label_smoothing=0.1, **kw)),
+    "quality_focal": (dict(loss_kind=2, beta=2.0), lambda x, t, **kw: focal_cuda.quality_focal_loss(x, t, 2.0, **kw)),
+    "quality_focal_beta1.5": (dict(loss_kind=2, beta=1.5),
+                              lambda x, t, **kw: focal_cuda.quality_focal_loss(x, t, 1.5, **kw)),
+    "varifocal": (dict(loss_kind=3, alpha=0.75, gamma=2.0),
+                  lambda x, t, **kw: focal_cuda.varifocal_loss(x, t, 0.75, 2.0, **kw)),
+    "varifocal_detached": (dict(loss_kind=3, alpha=0.75, gamma=1.5, iou_weighted=False, detach_weight=True),
+                           lambda x, t, **kw: focal_cuda.varifocal_loss(x, t, 0.75, 1.5, iou_weighted=False,
+                                                                        detach_weight=True, **kw)),
+    "focal_star": (dict(loss_kind=4, alpha=0.25, gamma=2.0, beta=1.0),
+                   lambda x, t, **kw: focal_cuda.sigmoid_focal_loss_star(x, t, 0.25, 2.0, 1.0, **kw)),
+    "iou_aware_bce": (dict(loss_kind=5, alpha=0.25, gamma=2.0),
+                      lambda x, t, **kw: focal_cuda.iou_aware_bce_loss(x, t, 0.25, 2.0, **kw)),
+    "focal_with_scores": (dict(loss_kind=0, alpha=0.25, gamma=2.0),
+                          lambda x, t, **kw: focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, **kw)),
+}
+
+
+def member_close(dtype, ref):
+    """close(dtype), with an absolute floor relative to the largest value: members with |p - y|^beta or
+    1 - t factors have tiny values whose last-ulp differences between the host math and the CPU kernel's
+    vector math (approximate reciprocal) are large relative to them, never to the loss."""
+    tol = close(dtype)
+    return dict(rtol=tol["rtol"], atol=max(tol["atol"], 2 * tol["rtol"] * ref.abs().max().item()))
+
+
+def member_cpu(call, x, t, w):
+    xr = x.clone().requires_grad_()
+    loss = call(xr, t, weight=w, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), xr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [3, 8, 91])
+@pytest.mark.parametrize("weighted", ["none", "row", "element"])
+@pytest.mark.parametrize("member,form", [(m, f) for m in MEMBER_CALLS for f in ("labels", "labels32", "scores", "dense")
+                                         if m != "focal_with_scores" or f == "scores"])
+def test_emulated_members_match_cpu_op(emu, dtype, C, form, weighted, member):
+    """Each member through the emulated CUDA kernels (label-rows and general; plain labels, int32 labels
+    converted, (labels, scores) with NaN scores on background and ignored rows, dense targets) against
+    the CPU op."""
+    options, call = MEMBER_CALLS[member]
+    g = torch.Generator().manual_seed(C * 13 + len(form))
+    rows = 6000 // C + 5
+    x = (torch.randn(rows, C, generator=g) * 4).to(dtype)
+    t = make_family_targets(form, (rows, C), "cpu", g, dtype=torch.float32)
+    if isinstance(t, tuple):
+        t[0][: min(rows, C)] = torch.arange(min(rows, C), dtype=t[0].dtype)  # the class in every column
+        t[1][: min(rows, C)] = torch.rand(min(rows, C), generator=g)
+    w = make_weight(weighted, rows, C, g)
+    labels, scores = t if isinstance(t, tuple) else (t, None)
+    ref_loss, ref_grad = member_cpu(call, x, t, w)
+    for grid in (1, 3):
+        loss, grad, chosen = emu_forward(emu, x, labels, w, grid=grid, scores=scores, **options)
+        assert chosen == expected_kernel(dtype, C, form != "dense", weighted)
+        torch.testing.assert_close(loss.double(), ref_loss.double(), **member_close(dtype, ref_loss))
+        torch.testing.assert_close(grad.double(), ref_grad.double(), **member_close(dtype, ref_grad))
+        total, _, _ = emu_forward(emu, x, labels, w, total=True, want_grad=False, grid=grid, scores=scores, **options)
+        torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)

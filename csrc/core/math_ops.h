@@ -17,6 +17,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../cuda/tuning.h"
 #include "params.h"
@@ -153,6 +154,28 @@ FOCAL_HD Logistic<T> logistic(T x) {
   const T r = O::recip_unit(T(S(1)) + e);
   const T er = e * r;
   return {O::select_nonneg(x, r, er), O::select_nonneg(x, er, r), O::log1p(e)};
+}
+
+// p - y for y in [0, 1], without the cancellation of p - y where p is near 1:
+// there it is (1 - y) - (1 - p), both terms exact or accurate (1 - p is z.q).
+template <class T, class S>
+FOCAL_HD T p_minus_y(T x, const Logistic<T>& z, T y) {
+  return MathOps<T>::select_nonneg(x, (T(S(1)) - y) - z.q, z.p - y);
+}
+
+// 1 - exp(L) for L <= 0, accurate where exp(L) is near 1: -expm1(L) in float64;
+// in float32 (and its vectors) a series to L^5 for L > -1/16 (relative error
+// below 2e-9), 1 - exp(L) beyond.
+template <class T, class S>
+FOCAL_HD T one_minus_exp(T L) {
+  if constexpr (std::is_same_v<T, double>) {
+    return -::expm1(L);
+  } else {
+    using O = MathOps<T>;
+    const T series =
+        T(S(0)) - L * (T(S(1)) + L * (T(S(0.5)) + L * (T(S(1.0 / 6)) + L * (T(S(1.0 / 24)) + L * T(S(1.0 / 120))))));
+    return O::select(O::gt(L, T(S(-0.0625))), series, T(S(1)) - O::exp(L));
+  }
 }
 
 // b^k for b >= 0: by products for an integer k in [0, 16] (k_int >= 0), else

@@ -61,7 +61,7 @@ struct FocalSmooth {
     const T a = y * T(alpha_pos) + ny * T(alpha_neg);
     const T aqg = a * qg;
     l = O::mul_or_zero(aqg, ce);
-    g = aqg * (z.p - ys) + T(gamma) * (one - y - y) * O::mul_or_zero(aqg, O::mul_or_zero(ce, t));
+    g = aqg * p_minus_y<T, S>(x, z, ys) + T(gamma) * (one - y - y) * O::mul_or_zero(aqg, O::mul_or_zero(ce, t));
   }
   template <class T>
   FOCAL_HD void binary(T x, typename MathOps<T>::Mask pos, T& l, T& g) const {

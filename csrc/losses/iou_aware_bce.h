@@ -5,6 +5,7 @@
 // p for alpha = 1), or y > 0 for dense targets.
 // Gradients: positive p - t; negative p^gamma [gamma (1-p) softplus(x) + p].
 // t = exp(-alpha softplus(-x) + (1 - alpha) log y), clamped below at 0.01.
+// t is at least 0.01, so its product with an infinite softplus(-x) is the true inf.
 #pragma once
 
 #include "../core/math_ops.h"
@@ -38,19 +39,18 @@ struct IoUAwareBCE {
     const T sp_neg = O::max(zero - x, zero) + z.l1;  // -log(p)
     T ln, gn;
     negative_from(x, z, sp_pos, ln, gn);
-    // log t = alpha log p + (1 - alpha) log y; a zero exponent drops its term (0 * inf)
+    // log t = alpha log p + (1 - alpha) log y; a zero exponent drops its term (0 * inf). 1 - t by
+    // one_minus_exp, so that BCE(x, t) and p - t = (1 - t) - (1 - p) keep their accuracy where t -> 1.
     T log_t = zero;
     if (alpha != S(0)) log_t = log_t - T(alpha) * sp_neg;
-    T t;
-    if (alpha != S(1)) {
-      t = O::select(O::gt(sc, zero), O::exp(log_t + T(S(1) - alpha) * O::log(sc)), zero);
-      t = O::select(O::ne(sc, sc), sc, t);  // a NaN score stays NaN
-    } else {
-      t = O::exp(log_t);
-    }
-    t = O::select(O::lt(t, T(S(0.01))), T(S(0.01)), t);
-    l = O::select(pos, bce<T, S>(t, sp_neg, sp_pos), ln);
-    g = O::select(pos, z.p - t, gn);
+    if (alpha != S(1)) log_t = log_t + T(S(1) - alpha) * O::log(sc);  // log 0 = -inf: t = 0, clamped
+    const T t_raw = O::exp(log_t);
+    const auto low = O::lt(t_raw, T(S(0.01)));  // (false for a NaN score: it stays NaN)
+    const T t = O::select(low, T(S(0.01)), t_raw);
+    const T omt = O::select(low, T(S(0.99)), one_minus_exp<T, S>(log_t));
+    const T lp = t * sp_neg + O::select(O::ne(omt, zero), omt * sp_pos, zero);
+    l = O::select(pos, lp, ln);
+    g = O::select(pos, omt - z.q, gn);
   }
   template <class T>
   FOCAL_HD void binary(T x, typename MathOps<T>::Mask pos, T& l, T& g) const {

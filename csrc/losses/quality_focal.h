@@ -39,7 +39,7 @@ struct QualityFocal {
     const T sp_pos = O::max(x, zero) + z.l1;
     const T sp_neg = O::max(zero - x, zero) + z.l1;
     const T ce = bce<T, S>(y, sp_neg, sp_pos);
-    const T d = z.p - y;
+    const T d = p_minus_y<T, S>(x, z, y);
     const T ad = O::abs(d);
     T pw, g1;  // |d|^beta and |d|^(beta-1) (0 at d = 0)
     if (beta_int >= 0) {

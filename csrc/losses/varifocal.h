@@ -43,8 +43,8 @@ struct Varifocal {
     T ln, gn;
     negative_from(x, z, sp_pos, ln, gn);
     const T w = iou_weighted ? sc : T(S(1));
-    const T lp = w * bce<T, S>(sc, sp_neg, sp_pos);
-    const T gp = w * (z.p - sc);
+    const T lp = O::select(O::ne(w, zero), w * bce<T, S>(sc, sp_neg, sp_pos), zero);  // weight 0: exactly 0
+    const T gp = w * p_minus_y<T, S>(x, z, sc);
     l = O::select(pos, lp, T(alpha) * ln);
     g = O::select(pos, gp, T(alpha) * gn);
   }

@@ -220,6 +220,8 @@ ForwardPlan plan_forward(const at::Tensor& input_, const at::Tensor& targets_, c
   at::Tensor targets = targets_;
   const bool labels = targets.scalar_type() == at::kInt || targets.scalar_type() == at::kLong;
   const at::ScalarType acc = compute_dtype(input.scalar_type());
+  // the member that runs: the focal loss with label smoothing is a functor of its own
+  if (kind == LossKind::Focal && options.smoothing > 0.0) kind = LossKind::FocalSmooth;
   const bool focal = kind == LossKind::Focal;
   if (!labels) {
     // The focal loss reads dense targets in the logits' dtype or in float32 (AMP keeps one-hot targets
@@ -297,7 +299,7 @@ ForwardPlan plan_forward(const at::Tensor& input_, const at::Tensor& targets_, c
   p.loss = args.reduction == 0 ? plan.loss.data_ptr() : nullptr;
   p.grad = args.compute_grad ? plan.grad.data_ptr() : nullptr;
   p.grad_prescale = args.grad_prescale;
-  p.loss_kind = kind == LossKind::Focal && options.smoothing > 0.0 ? LossKind::FocalSmooth : kind;
+  p.loss_kind = kind;
   p.options = options;
   p.reduction = args.reduction == 0 ? Reduction::None : Reduction::Sum;
   p.acc_loss = args.reduction != 0 && args.acc_loss;
