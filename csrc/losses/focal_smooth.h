@@ -36,9 +36,10 @@ struct FocalSmooth {
     using O = MathOps<T>;
     const T zero(S(0));
     const Logistic<T> z = logistic<T, S>(x);
-    const T sp_pos = O::max(x, zero) + z.l1;         // -log(1 - p)
     const T sp_neg = O::max(zero - x, zero) + z.l1;  // -log(p)
-    const T ce = bce<T, S>(T(h), sp_neg, sp_pos);
+    // BCE(x, h) = (1-h) softplus(x) + h softplus(-x) = x (x >= 0 ? 1-h : -h) + log1p(e): +inf at
+    // both infinite logits (h > 0 here: a zero smoothing runs the plain focal loss)
+    const T ce = x * O::select_nonneg(x, T(S(1) - h), zero - T(h)) + z.l1;
     const T pg = pow_nonneg<T, S>(z.p, sp_neg, gamma, gamma_int);  // q^gamma, q = p
     l = O::mul_or_zero(pg, ce);
     g = pg * (z.p - T(h)) + T(gamma) * O::mul_or_zero(pg, O::mul_or_zero(z.q, ce));
