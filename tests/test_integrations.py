@@ -77,16 +77,18 @@ def test_anchor_labels_mapping():
     assert labels[1].tolist() == [6, -2, 6]
 
 
-def test_patched_retinanet_saves_loads_and_trains(tmp_path):
+def test_patched_retinanet_saves_loads_and_trains(device, tmp_path):
     """Whole-model checkpoints: a patched model saves with torch.save and pickle, loads back patched,
     and trains to the same loss as the model it was saved from."""
     import copy
     import pickle
 
     C = 7
-    model = fc_tv.patch_retinanet(_small_retinanet(C))
+    model = fc_tv.patch_retinanet(_small_retinanet(C)).to(device)
     model.train()
     images, targets = _synthetic_batch(C)
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     loss, _ = _cls_loss_and_grads(model, images, targets)
     path = tmp_path / "model.pt"
     torch.save(model, path)
