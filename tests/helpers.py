@@ -87,3 +87,10 @@ def focal_op_args(x, t, weight=None, divisor=None, scale=1.0, alpha=0.25, gamma=
 def focal_op(*args, **kwargs):
     """torch.ops.focal_cuda.sigmoid_focal_loss_fwd called with focal_op_args' named arguments."""
     return torch.ops.focal_cuda.sigmoid_focal_loss_fwd.default(*focal_op_args(*args, **kwargs))
+
+
+def focal_ops_called(fn) -> set:
+    """The focal_cuda ops a call runs (torch.profiler): proof that a patched framework uses them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("focal_cuda::")}

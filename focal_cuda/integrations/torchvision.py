@@ -1,9 +1,16 @@
-"""torchvision RetinaNet: compute the classification loss with focal_cuda.
+"""torchvision: a drop-in ``sigmoid_focal_loss`` and the fused RetinaNet classification loss.
 
-    model = torchvision.models.detection.retinanet_resnet50_fpn(...)
-    focal_cuda.integrations.torchvision.patch_retinanet(model)   # or: with patched_retinanet(model): ...
+    import focal_cuda.integrations.torchvision as fc_tv
+    fc_tv.patch()          # torchvision.ops.sigmoid_focal_loss (everywhere torchvision uses it, FCOS
+                           # included) and RetinaNetClassificationHead.compute_loss, for every model
+    fc_tv.unpatch()        # or: with fc_tv.patched(): ...
+    fc_tv.patch_retinanet(model)   # one model only (its head instance)
 
-The stock head loops over images, builds a dense one-hot target the size of the logits, copies the
+``sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none")`` has torchvision's
+signature, semantics and error messages, and ``torch.jit.script`` accepts it (scripted, it calls the
+fused op directly).
+
+The stock RetinaNet head loops over images, builds a dense one-hot target the size of the logits, copies the
 non-ignored logits out with boolean indexing, and divides by ``max(1, num_foreground)`` -- a Python
 ``max`` over a tensor, which synchronises with the GPU once per image. The patched head computes the
 same loss (value and gradients) in one fused call for the whole batch, straight from the matched
@@ -25,7 +32,9 @@ from typing import Dict, List
 
 import torch
 
-from ..functional import sigmoid_focal_loss
+from .. import functional as _functional
+from ._patching import Patches, modules_holding
+
 
 # torchvision.models.detection._utils.Matcher's codes for unmatched anchors
 _BELOW_LOW_THRESHOLD = -1
@@ -88,12 +97,12 @@ def classification_loss(head, targets, head_outputs, matched_idxs, validate: boo
         # index, which keeps the kernels on their contiguous (vectorised) path; a [B, 1, 1] view
         # would leave two unmergeable row dims and the strided path.
         weight = per_image.view(num_images, 1, 1).expand(num_images, cls_logits.shape[1], 1).contiguous()
-        return sigmoid_focal_loss(cls_logits, torch.stack(labels), reduction="sum", weight=weight,
-                                  ignore_index=_BETWEEN_THRESHOLDS)
+        return _functional.sigmoid_focal_loss(cls_logits, torch.stack(labels), reduction="sum", weight=weight,
+                                              ignore_index=_BETWEEN_THRESHOLDS)
     total = cls_logits.new_zeros(())
     for i, lab in enumerate(labels):
-        total = total + sigmoid_focal_loss(cls_logits[i, : lab.shape[0]], lab, reduction="sum",
-                                           weight=per_image[i].view(1), ignore_index=_BETWEEN_THRESHOLDS)
+        total = total + _functional.sigmoid_focal_loss(cls_logits[i, : lab.shape[0]], lab, reduction="sum",
+                                                       weight=per_image[i].view(1), ignore_index=_BETWEEN_THRESHOLDS)
     return total
 
 
@@ -157,3 +166,84 @@ def _classification_head(model):
             f"model: expected a torchvision RetinaNet (with .head.classification_head), got {type(model).__name__}"
         )
     return head
+
+
+# ----------------------------------------------------------------------------- the drop-in function
+
+@torch.jit.unused
+def _eager(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float, reduction: str) -> torch.Tensor:
+    return _functional.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), reduction)
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2,
+    reduction: str = "none",
+) -> torch.Tensor:
+    """Drop-in for ``torchvision.ops.sigmoid_focal_loss`` (same signature, values, gradients, dtype,
+    errors; a mean over an empty input is NaN, as torchvision's), fused."""
+    if not (0 <= alpha <= 1) and alpha != -1:
+        raise ValueError(f"Invalid alpha value: {alpha}. alpha must be in the range [0,1] or -1 for ignore.")
+    if reduction != "none" and reduction != "mean" and reduction != "sum":
+        raise ValueError(
+            f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
+        )
+    if reduction == "mean" and inputs.numel() == 0:
+        return inputs.sum() * float("nan")
+    if not torch.jit.is_scripting():
+        return _eager(inputs, targets, alpha, gamma, reduction)
+    # scripted: the op itself (its registered autograd), no Python wrapper in between
+    scale = 1.0
+    if reduction == "mean":
+        scale = 1.0 / inputs.numel()
+    compute_grad = inputs.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.focal_cuda.sigmoid_focal_loss_fwd(inputs, targets, None, None, None, scale,
+                                                          0 if reduction == "none" else 1, -1, compute_grad, 0.0,
+                                                          False, float(alpha), float(gamma), 0.0)
+    return loss
+
+
+# ----------------------------------------------------------------------------- patch()
+
+def _fused_head_compute_loss(self, targets, head_outputs, matched_idxs):
+    return classification_loss(self, targets, head_outputs, matched_idxs, validate=_validate[0])
+
+
+_validate = [False]
+
+
+def _targets():
+    import torchvision.ops
+    import torchvision.ops.focal_loss
+    import torchvision.models.detection  # noqa: F401  (RetinaNet and FCOS hold their own references)
+    from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+
+    stock = torchvision.ops.focal_loss.sigmoid_focal_loss
+    out = [(RetinaNetClassificationHead, "compute_loss", _fused_head_compute_loss)]
+    for module in modules_holding("torchvision", "sigmoid_focal_loss", stock):
+        out.append((module, "sigmoid_focal_loss", sigmoid_focal_loss))
+    return out
+
+
+_patches = Patches("torchvision", _targets)
+
+
+def patch(validate: bool = False) -> None:
+    """Install focal_cuda in torchvision: ``sigmoid_focal_loss`` in torchvision.ops and in every
+    torchvision module that imported it (RetinaNet, FCOS), and RetinaNet's classification loss for
+    every model (``validate``: check box labels with a host sync on a GPU, see ``patch_retinanet``)."""
+    _validate[0] = bool(validate)
+    _patches.patch()
+
+
+def unpatch() -> None:
+    """Restore torchvision's own functions."""
+    _patches.unpatch()
+
+
+def patched(validate: bool = False):
+    """Context manager: ``with patched(): ...`` runs with torchvision patched."""
+    _validate[0] = bool(validate)
+    return _patches.patched()
