@@ -146,7 +146,7 @@ def torch_libstdcxx():
 
 stdcxx_flags = torch_libstdcxx()
 link_flags += stdcxx_flags
-sources = ["csrc/module.cpp", "csrc/ops/family_ops.cpp", "csrc/ops/plan.cpp", "csrc/cpu/grad_cache.cpp",
+sources = ["csrc/module.cpp", "csrc/ops/family_ops.cpp", "csrc/ops/ghmc_ops.cpp", "csrc/ops/plan.cpp", "csrc/cpu/grad_cache.cpp",
            "csrc/cpu/focal_cpu_default.cpp"]
 tuning = " ".join(os.environ.get("FOCAL_CUDA_TUNING", "").split())
 tuning_macros = tuning_defines(tuning)  # checked even where no CUDA is built

@@ -38,12 +38,15 @@ pybind11::dict build_info() {
   return d;
 }
 
-void set_cpu_kernel(std::uintptr_t address, const std::string& name) {
-  TORCH_CHECK_VALUE(address != 0, "focal_cuda: null CPU kernel address");
-  focal::cpu::select_kernel(reinterpret_cast<focal::cpu::RangeFn>(address), name);
+void set_cpu_kernel(std::uintptr_t address, std::uintptr_t hist_address, const std::string& name) {
+  TORCH_CHECK_VALUE(address != 0 && hist_address != 0, "focal_cuda: null CPU kernel address");
+  focal::cpu::select_kernel(reinterpret_cast<focal::cpu::RangeFn>(address),
+                            reinterpret_cast<focal::cpu::HistFn>(hist_address), name);
 }
 
-void reset_cpu_kernel() { focal::cpu::select_kernel(&focal::cpu::focal_range_default, "default"); }
+void reset_cpu_kernel() {
+  focal::cpu::select_kernel(&focal::cpu::focal_range_default, &focal::cpu::ghmc_hist_default, "default");
+}
 
 void set_cpu_grad_cache(bool enabled) { focal::cpu::CpuGradCache::get().set_enabled(enabled); }
 
@@ -60,7 +63,7 @@ pybind11::dict cpu_grad_cache_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "focal_cuda native ops (registered as torch.ops.focal_cuda.*)";
   m.def("build_info", &build_info, "How this extension was built");
-  m.def("_set_cpu_kernel", &set_cpu_kernel, "Use the CPU kernel at this address (an ISA module's)");
+  m.def("_set_cpu_kernel", &set_cpu_kernel, "Use the CPU kernels at these addresses (an ISA module's)");
   m.def("_reset_cpu_kernel", &reset_cpu_kernel, "Go back to the portable CPU kernel");
   m.def("_set_cpu_grad_cache", &set_cpu_grad_cache, "Keep (True) or free and stop keeping (False) a freed CPU gradient");
   m.def("_cpu_grad_cache_info", &cpu_grad_cache_info, "The CPU gradient cache's state");

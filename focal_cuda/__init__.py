@@ -17,6 +17,8 @@ from .functional import (
     sigmoid_focal_loss_star,
     varifocal_loss,
 )
+from .ghmc import GHMCLoss, ghmc_loss
+from .ohem import ohem_loss
 from .modules import IoUAwareBCELoss, QualityFocalLoss, SigmoidFocalLoss, SigmoidFocalLossStar, VarifocalLoss
 from .version import __version__
 
@@ -32,6 +34,9 @@ __all__ = [
     "VarifocalLoss",
     "SigmoidFocalLossStar",
     "IoUAwareBCELoss",
+    "ghmc_loss",
+    "GHMCLoss",
+    "ohem_loss",
     "reference",
     "build_info",
     "set_cpu_grad_cache",

@@ -49,7 +49,7 @@ def use(name: str) -> str:
     if not cpu_supports(name):
         raise RuntimeError(f"CPU kernel {name!r}: this CPU reports {torch.backends.cpu.get_cpu_capability()}")
     module = importlib.import_module(_KERNELS[name])
-    _C._set_cpu_kernel(module.kernel_address(), name)
+    _C._set_cpu_kernel(module.kernel_address(), module.hist_kernel_address(), name)
     return name
 
 

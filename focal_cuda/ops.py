@@ -52,12 +52,16 @@ MEMBER_OPTIONS = {
     "varifocal_loss_fwd": ("alpha", "gamma", "iou_weighted", "detach_weight"),
     "sigmoid_focal_loss_star_fwd": ("alpha", "gamma", "beta"),
     "iou_aware_bce_loss_fwd": ("alpha", "gamma"),
+    "ghmc_loss_fwd": ("table",),  # GHM-C's loss pass; the table from ghmc_weights (focal_cuda/ghmc.py)
 }
 # The overloads themselves, for the calls made on every step: an OpOverloadPacket resolves the
 # overload on each call (about 10 us of host time here, per call).
 FWD = {name: getattr(torch.ops.focal_cuda, name).default for name in MEMBER_OPTIONS}
 scale_grad_op = torch.ops.focal_cuda.scale_grad_
 _scale_grad = scale_grad_op.default
+# GHM-C's histogram and bin-weight ops (no gradient: counts and constants)
+GHMC_HISTOGRAM = torch.ops.focal_cuda.ghmc_histogram.default
+GHMC_WEIGHTS = torch.ops.focal_cuda.ghmc_weights.default
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,6 +81,18 @@ def _fwd_fake(input, targets, scores, weight, divisor, scale, reduction, ignore_
 @torch.library.register_fake("focal_cuda::scale_grad_")
 def _scale_grad_fake(grad, grad_output):
     return None
+
+
+@torch.library.register_fake("focal_cuda::ghmc_histogram")
+def _ghmc_histogram_fake(input, targets, weight, bins, ignore_index):
+    return input.new_empty((bins + 1,), dtype=torch.int64)
+
+
+@torch.library.register_fake("focal_cuda::ghmc_weights")
+def _ghmc_weights_fake(counts, acc_sum, momentum, norm, float64):
+    bins = counts.shape[0] - 1
+    table = counts.new_empty((3 * bins + 2,), dtype=torch.float64 if float64 else torch.float32)
+    return table, counts.new_empty((bins if momentum > 0 else 0,), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------- autocast

@@ -154,3 +154,75 @@ def iou_aware_bce_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     _checks.check_iou_aware_bce_options(alpha, gamma)
     return _run(lambda y, pos: iou_aware_bce_terms(inputs, y, pos, alpha, gamma), inputs, targets, reduction, weight,
                 normalizer, ignore_index, validate)
+
+
+def ghmc_loss(inputs, targets, label_weight=None, bins=10, momentum=0.0, acc_sum=None, ignore_index=-1, *,
+              reduction="mean", loss_weight=1.0) -> torch.Tensor:
+    """GHM-C as mmdet's ``GHMC.forward`` computes it, written from its documented semantics: one
+    boolean mask and one host synchronisation per bin, the weights a constant for autograd. The
+    eager baseline of the benchmarks and the tests' oracle (labels: C = background, ``ignore_index``
+    not valid; label_weight: valid where > 0, per element or per anchor)."""
+    C = inputs.shape[-1]
+    if targets.dtype in _checks.LABEL_DTYPES:
+        y, valid_rows = one_hot_labels(targets, C, ignore_index, torch.float32)
+        valid = valid_rows.unsqueeze(-1).expand(inputs.shape)
+    else:
+        y = targets.to(torch.promote_types(inputs.dtype, torch.float32))  # mmdet: target.float()
+        valid = torch.ones(inputs.shape, dtype=torch.bool, device=inputs.device)
+    if label_weight is not None:
+        lw = label_weight
+        if tuple(lw.shape) == tuple(inputs.shape[:-1]) and tuple(lw.shape) != tuple(inputs.shape):
+            lw = lw.unsqueeze(-1)
+        valid = valid & (lw > 0)
+    edges = torch.arange(bins + 1, device=inputs.device).float() / bins
+    edges[-1] += 1e-6
+    weights = torch.zeros_like(inputs)
+    g = torch.abs(inputs.sigmoid().detach() - y)
+    tot = max(valid.float().sum().item(), 1.0)
+    n = 0
+    for i in range(bins):
+        inds = (g >= edges[i]) & (g < edges[i + 1]) & valid
+        num_in_bin = inds.sum().item()
+        if num_in_bin > 0:
+            if momentum > 0:
+                acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * num_in_bin
+                weights[inds] = tot / acc_sum[i]
+            else:
+                weights[inds] = tot / num_in_bin
+            n += 1
+    if n > 0:
+        weights = weights / n
+    loss = F.binary_cross_entropy_with_logits(inputs, y.to(inputs.dtype), reduction="none") * weights
+    if reduction == "mean":
+        loss = loss.sum() / tot
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss * loss_weight
+
+
+def ohem_loss(inputs, labels, neg_pos_ratio=3.0, reduction="sum", normalizer=None, ignore_index=-1) -> torch.Tensor:
+    """OHEM for one-stage detectors (SSD's hard negatives) in plain PyTorch, image by image: every
+    positive anchor and the ``max(1, floor(neg_pos_ratio * positives))`` background anchors of highest
+    summed BCE (ties: the lower index first); the loss is the BCE summed over the selected anchors'
+    classes (``"mean"``: divided by their number of elements; ``normalizer``: divided by it)."""
+    C = inputs.shape[-1]
+    y, _ = one_hot_labels(labels, C, ignore_index, inputs.dtype)
+    bce = F.binary_cross_entropy_with_logits(inputs, y, reduction="none")
+    selected = torch.zeros(labels.shape, dtype=torch.bool, device=inputs.device)
+    for b in range(labels.shape[0]):
+        pos = (labels[b] >= 0) & (labels[b] < C)
+        neg = labels[b] == C
+        k = max(1, int(neg_pos_ratio * int(pos.sum())))
+        neg_idx = neg.nonzero().flatten().tolist()
+        scores = bce[b].detach().sum(-1).tolist()
+        neg_idx.sort(key=lambda a: (-scores[a], a))
+        chosen = pos.clone()
+        chosen[neg_idx[:k]] = True
+        selected[b] = chosen
+    loss = bce * selected.unsqueeze(-1).to(bce.dtype)
+    if reduction == "none":
+        return loss
+    loss = loss.sum()
+    if reduction == "mean":
+        return loss / max(int(selected.sum()) * C, 1)
+    return loss / normalizer if normalizer is not None else loss

@@ -37,6 +37,7 @@ enum class LossKind : int32_t {
   Varifocal = 3,     // VarifocalNet, RT-DETR, ultralytics
   FocalStar = 4,     // FL*, the RetinaNet paper's appendix
   IoUAwareBCE = 5,   // LW-DETR, RF-DETR
+  GHMC = 6,          // GHM-C's loss pass (the bin weights from its histogram pass)
 };
 
 // Every member's options; each functor reads the ones it has (its make()).
@@ -47,6 +48,9 @@ struct LossOptions {
   double smoothing = 0.0;  // focal with label smoothing
   bool iou_weighted = true;
   bool detach_weight = false;
+  // GHM-C: its table (losses/ghmc.h) in the compute type, on the logits' device, and its bin count
+  const void* table = nullptr;
+  int64_t bins = 0;
 };
 
 // One strided operand over the [rows, cols] element grid. An element (r, c)

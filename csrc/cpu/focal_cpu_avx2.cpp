@@ -19,12 +19,20 @@ double focal_range_avx2(const focal::FocalParams& p, int64_t begin, int64_t end)
   return focal::cpu::focal_range_dispatch(p, begin, end);
 }
 
+void ghmc_hist_avx2(const focal::FocalParams& p, int64_t begin, int64_t end, int64_t* counts) {
+  focal::cpu::ghmc_hist_dispatch(p, begin, end, counts);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu_avx2, m) {
   m.doc() = "focal_cuda CPU kernel built for AVX2 + FMA";
   m.def("kernel_address", [] {
     focal::cpu::RangeFn fn = &focal_range_avx2;
+    return reinterpret_cast<std::uintptr_t>(fn);
+  });
+  m.def("hist_kernel_address", [] {
+    focal::cpu::HistFn fn = &ghmc_hist_avx2;
     return reinterpret_cast<std::uintptr_t>(fn);
   });
   m.attr("lanes") = focal::cpu::kLanes;

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../core/math_ops.h"
@@ -176,6 +177,27 @@ struct MathOps<at::vec::Vectorized<float>> {
   FOCAL_HD static V gt(V a, V b) { return a > b; }
   FOCAL_HD static V ne(V a, V b) { return a != b; }
   FOCAL_HD static V lt(V a, V b) { return a < b; }
+  // f lane by lane, through memory (GHM-C's bin lookup: a few scalar compares and a load per lane)
+  template <class F>
+  FOCAL_HD static V lanewise2(const F& f, V a, V b) {
+    constexpr int n = V::size();
+    float av[n], bv[n], out[n];
+    a.store(av);
+    b.store(bv);
+    for (int i = 0; i < n; ++i) out[i] = f(av[i], bv[i]);
+    return V::loadu(out);
+  }
+  template <class F>
+  FOCAL_HD static V lanewise4(const F& f, V a, V b, V c, V d) {
+    constexpr int n = V::size();
+    float av[n], bv[n], cv[n], dv[n], out[n];
+    a.store(av);
+    b.store(bv);
+    c.store(cv);
+    d.store(dv);
+    for (int i = 0; i < n; ++i) out[i] = f(av[i], bv[i], cv[i], dv[i]);
+    return V::loadu(out);
+  }
 };
 
 namespace cpu {
@@ -240,6 +262,18 @@ struct MathOps<cpu::VecN<N>> {
   FOCAL_VECN_MAP(select_nonpos, (const T& s, const T& a, const T& b), (s.v[i], a.v[i], b.v[i]))
   FOCAL_VECN_MAP(mul_or_zero, (const T& a, const T& b), (a.v[i], b.v[i]))
 #undef FOCAL_VECN_MAP
+  template <class F>
+  FOCAL_HD static T lanewise2(const F& f, const T& a, const T& b) {
+    T o;
+    for (int i = 0; i < N; ++i) o.v[i] = VO::lanewise2(f, a.v[i], b.v[i]);
+    return o;
+  }
+  template <class F>
+  FOCAL_HD static T lanewise4(const F& f, const T& a, const T& b, const T& c, const T& d) {
+    T o;
+    for (int i = 0; i < N; ++i) o.v[i] = VO::lanewise4(f, a.v[i], b.v[i], c.v[i], d.v[i]);
+    return o;
+  }
 };
 
 namespace cpu {
@@ -839,6 +873,208 @@ inline double focal_range_dispatch(const FocalParams& p, int64_t begin, int64_t 
       return by_loss(double{});
     default:
       return 0.0;  // rejected by the op layer
+  }
+}
+
+
+// ------------------------------------------------------------------ GHM-C histogram
+// GHM-C's first pass (losses/ghmc.h): over elements [begin, end), adds the valid
+// elements of each bin to counts[0..B-1] and all valid elements (NaN logits
+// included, as mmdet's tot) to counts[B]. Valid: a nonzero weight (the op passes
+// label_weight > 0 as a 0/1 weight) and a label that is not ignore_index. The
+// bins are those the loss pass (GHMC::weight_*) finds: binary targets (labels;
+// dense y = 0 or 1) by exact comparisons of x' (x, or -x where y = 1) with the
+// thresholds, soft dense targets by g = |p - y| against the edges.
+//
+// Float32 builds with B <= kGhmcVecBins count unit-stride runs a vector at a
+// time without forming bins: for each threshold k, how many x' >= t_k (a compare
+// and a masked add per threshold); bin b then holds cum_b - cum_b+1. Everything
+// else is counted element by element (a binary search over the thresholds).
+constexpr int kGhmcVecBins = 32;
+
+template <class acc_t>
+struct GhmcCounter {
+  static constexpr bool kVector = std::is_same_v<acc_t, float>;
+  const acc_t* t;  // thresholds t_0 .. t_B
+  const acc_t* e;  // edges e_0 .. e_B
+  int bins;
+  int64_t* direct;  // B bins, then the valid count
+  bool vec_ok;
+  Vec tv[kGhmcVecBins];
+  Vec cum[kGhmcVecBins];
+  Vec valid_count;
+
+  GhmcCounter(const acc_t* table, int b, int64_t* counts)
+      : t(table + b), e(table + 2 * b + 1), bins(b), direct(counts), vec_ok(kVector && b <= kGhmcVecBins) {
+    if constexpr (kVector) {
+      if (vec_ok) {
+        for (int k = 0; k < bins; ++k) {
+          tv[k] = Vec(static_cast<float>(t[k]));
+          cum[k] = Vec(0.0f);
+        }
+        valid_count = Vec(0.0f);
+      }
+    }
+  }
+
+  // max { b < B : t_b <= x' } (t_0 = -inf), or -1 for NaN: what the loss pass's search finds.
+  int bin_logit(acc_t xp) const {
+    if (!(xp == xp)) return -1;
+    int lo = 0, hi = bins - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (t[mid] <= xp) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+  int bin_soft(acc_t g) const {
+    if (!(g == g)) return -1;
+    int lo = 0, hi = bins - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (e[mid] <= g) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+  void add_bin(int b) {
+    ++direct[bins];
+    if (b >= 0) ++direct[b];
+  }
+  // One valid element with target y (binary: 0 or 1; else soft).
+  void element(acc_t x, acc_t y) {
+    if (y == acc_t(0)) return add_bin(bin_logit(x));
+    if (y == acc_t(1)) return add_bin(bin_logit(-x));
+    const Logistic<acc_t> z = logistic<acc_t, acc_t>(x);
+    const acc_t pmy = p_minus_y<acc_t, acc_t>(x, z, y);
+    add_bin(bin_soft(pmy < acc_t(0) ? -pmy : pmy));
+  }
+  // A vector of binary-target elements x' (valid: a lane mask).
+  FOCAL_HD void add(Vec xp, Vec valid) {
+    const Vec one(1.0f);
+    valid_count = valid_count + (valid & one);
+    const Vec m = valid & (xp == xp) & one;
+    cum[0] = cum[0] + m;
+    for (int k = 1; k < bins; ++k) cum[k] = cum[k] + ((xp >= tv[k]) & m);
+  }
+  // The vector counts into direct (per lane at most a chunk's elements: exact in float).
+  void finish() {
+    if constexpr (kVector) {
+      if (!vec_ok) return;
+      auto total = [](Vec v) {
+        float lanes[kLanes];
+        v.store(lanes);
+        int64_t s = 0;
+        for (int j = 0; j < kLanes; ++j) s += static_cast<int64_t>(lanes[j]);
+        return s;
+      };
+      int64_t next = 0;
+      for (int k = bins - 1; k >= 0; --k) {
+        const int64_t c = total(cum[k]);
+        direct[k] += c - next;
+        next = c;
+      }
+      direct[bins] += total(valid_count);
+    }
+  }
+};
+
+template <class scalar_t>
+void ghmc_hist_range_t(const FocalParams& p, int64_t begin, int64_t end, int64_t* counts) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int bins = static_cast<int>(p.options.bins);
+  GhmcCounter<acc_t> cnt(static_cast<const acc_t*>(p.options.table), bins, counts);
+  const int64_t xcs = p.input.col_stride, tcs = p.target.col_stride, wcs = p.weight.col_stride;
+  for (int64_t i = begin; i < end;) {
+    const int64_t r = i / p.cols;
+    const int64_t c0 = i - r * p.cols;
+    const int64_t c1 = std::min<int64_t>(p.cols, c0 + (end - i));
+    i += c1 - c0;
+    int64_t ox, ot, ow;
+    if (p.contiguous) {
+      ox = r * p.cols;
+      ot = p.labels ? r : r * p.cols;
+      ow = p.ndim == 0 ? 0 : r * p.weight.row_strides[0];
+    } else {
+      row_offsets(p, r, ox, ot, ow);
+    }
+    const scalar_t* x = static_cast<const scalar_t*>(p.input.data) + ox;
+    const acc_t* t = p.labels ? nullptr : static_cast<const acc_t*>(p.target.data) + ot;
+    const acc_t* w = p.weight.data ? static_cast<const acc_t*>(p.weight.data) + ow : nullptr;
+    int64_t label = -1;
+    if (p.labels) {
+      label = p.target.kind == ScalarKind::Int32 ? read_label<int32_t>(p, ot) : read_label<int64_t>(p, ot);
+      if (label == p.ignore_index || label < 0 || label > p.num_classes) continue;  // (bad labels: checked before)
+    }
+    int64_t c = c0;
+    if constexpr (GhmcCounter<acc_t>::kVector) {
+      if (cnt.vec_ok && xcs == 1 && (p.labels || tcs == 1) && (!w || wcs == 0 || wcs == 1)) {
+        const Vec zero(0.0f), one(1.0f), all = Vec(0.0f) == Vec(0.0f);
+        const Vec lanes = Vec::arange(0.0f, 1.0f);
+        for (; c + kLanes <= c1; c += kLanes) {
+          const Vec vx = load_float(x + c);
+          Vec valid = all;
+          if (w) valid = (wcs == 0 ? Vec(w[0]) : Vec::loadu(w + c)) != zero;
+          if (p.labels) {
+            if (label >= c && label < c + kLanes) {  // the positive column: counted on its own
+              if (!w || w[label * wcs] != acc_t(0)) cnt.add_bin(cnt.bin_logit(-static_cast<acc_t>(x[label])));
+              valid = valid & ((Vec(static_cast<float>(c)) + lanes) != Vec(static_cast<float>(label)));
+            }
+            cnt.add(vx, valid);
+          } else {
+            const Vec y = Vec::loadu(t + c);
+            const Vec is1 = y == one;
+            const Vec binary = (y == zero) | is1;  // lanes all ones, or 0 (a soft target)
+            if (binary.zero_mask() != 0) {  // some soft targets: those lanes one by one
+              float vb[kLanes], bb[kLanes];
+              valid.store(vb);
+              binary.store(bb);
+              for (int j = 0; j < kLanes; ++j) {
+                uint32_t vbits, bbits;
+                std::memcpy(&vbits, &vb[j], 4);
+                std::memcpy(&bbits, &bb[j], 4);
+                if (vbits && !bbits) cnt.element(static_cast<acc_t>(x[c + j]), t[c + j]);
+              }
+              valid = valid & binary;
+            }
+            cnt.add(Vec::blendv(vx, zero - vx, is1), valid);
+          }
+        }
+      }
+    }
+    for (; c < c1; ++c) {
+      if (w && w[c * wcs] == acc_t(0)) continue;
+      const acc_t xv = static_cast<acc_t>(x[c * xcs]);
+      if (p.labels) {
+        cnt.add_bin(cnt.bin_logit(c == label ? -xv : xv));
+      } else {
+        cnt.element(xv, t[c * tcs]);
+      }
+    }
+  }
+  cnt.finish();
+}
+
+// Entry point with the same signature in every capability namespace.
+inline void ghmc_hist_dispatch(const FocalParams& p, int64_t begin, int64_t end, int64_t* counts) {
+  switch (p.input.kind) {
+    case ScalarKind::Float16:
+      return ghmc_hist_range_t<c10::Half>(p, begin, end, counts);
+    case ScalarKind::BFloat16:
+      return ghmc_hist_range_t<c10::BFloat16>(p, begin, end, counts);
+    case ScalarKind::Float32:
+      return ghmc_hist_range_t<float>(p, begin, end, counts);
+    case ScalarKind::Float64:
+      return ghmc_hist_range_t<double>(p, begin, end, counts);
+    default:
+      return;  // rejected by the op layer
   }
 }
 

@@ -23,4 +23,15 @@ void forward(const FocalParams& p, int device, void* partials, int64_t nblocks, 
 // device when grad_output is exactly 1. grad_output is of grad's kind or Float32.
 void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_output, ScalarKind go_kind, int device);
 
+// GHM-C's histogram pass (losses/ghmc.h): adds each bin's valid elements to
+// counts[0..bins-1] and all valid elements to counts[bins] (int64, zeroed by the
+// caller). Never synchronises.
+void ghmc_histogram(const FocalParams& p, int device, int64_t* counts);
+
+// GHM-C's bin weights, thresholds and edges into table (3 bins + 2 values, float32
+// or float64) from the counts; with momentum > 0 the running counts acc_in -> acc_out
+// (float32, bins). One small kernel.
+void ghmc_weights(const int64_t* counts, const float* acc_in, float* acc_out, void* table, bool float64, int bins,
+                  double momentum, double norm, int device);
+
 }  // namespace focal::cuda

@@ -28,6 +28,7 @@
 #include "focal.h"
 #include "focal_smooth.h"
 #include "focal_star.h"
+#include "ghmc.h"
 #include "iou_aware_bce.h"
 #include "quality_focal.h"
 #include "varifocal.h"
@@ -60,6 +61,8 @@ decltype(auto) with_loss(const FocalParams& p, F&& f) {
       return f(FocalStar<S>::make(o));
     case LossKind::IoUAwareBCE:
       return f(IoUAwareBCE<S>::make(o));
+    case LossKind::GHMC:
+      return f(GHMC<S>::make(o));
     case LossKind::Focal:
     default:
       if constexpr (!std::is_same_v<S, double>) {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../cpu/focal_cpu.h"
+#include "ghmc_ops.h"
 #include "plan.h"
 #ifdef FOCAL_WITH_CUDA
 #include "../cuda/focal_cuda.h"
@@ -125,6 +126,16 @@ Outputs iou_aware_bce_loss_fwd(FOCAL_COMMON_PARAMS, double alpha, double gamma) 
   return forward(FOCAL_COMMON_ARGS, LossKind::IoUAwareBCE, o);
 }
 
+// GHM-C's loss pass: the member reads its bin weights, thresholds and edges from
+// `table` (ghmc_weights' output; losses/ghmc.h).
+Outputs ghmc_loss_fwd(FOCAL_COMMON_PARAMS, const at::Tensor& table) {
+  TORCH_CHECK_VALUE(!scores, "focal_cuda.ghmc_loss: targets must be dense or class indices, not (labels, scores)");
+  LossOptions o;
+  o.bins = check_ghmc_table("focal_cuda.ghmc_loss", input, table);
+  o.table = table.data_ptr();
+  return forward(FOCAL_COMMON_ARGS, LossKind::GHMC, o);
+}
+
 #undef FOCAL_COMMON_PARAMS
 #undef FOCAL_COMMON_ARGS
 
@@ -178,6 +189,10 @@ TORCH_LIBRARY(focal_cuda, m) {
   m.def("sigmoid_focal_loss_star_fwd(" FOCAL_COMMON_SCHEMA ", float alpha, float gamma, float beta) -> (Tensor, Tensor)",
         tags);
   m.def("iou_aware_bce_loss_fwd(" FOCAL_COMMON_SCHEMA ", float alpha, float gamma) -> (Tensor, Tensor)", tags);
+  m.def("ghmc_loss_fwd(" FOCAL_COMMON_SCHEMA ", Tensor table) -> (Tensor, Tensor)", tags);
+  m.def("ghmc_histogram(Tensor input, Tensor targets, Tensor? weight, int bins, int ignore_index) -> Tensor", tags);
+  m.def("ghmc_weights(Tensor counts, Tensor? acc_sum, float momentum, float norm, bool float64) -> (Tensor, Tensor)",
+        tags);
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()", tags);
 }
 
@@ -189,6 +204,9 @@ TORCH_LIBRARY(focal_cuda, m) {
   m.impl("varifocal_loss_fwd", &focal::varifocal_loss_fwd);                 \
   m.impl("sigmoid_focal_loss_star_fwd", &focal::sigmoid_focal_loss_star_fwd); \
   m.impl("iou_aware_bce_loss_fwd", &focal::iou_aware_bce_loss_fwd);         \
+  m.impl("ghmc_loss_fwd", &focal::ghmc_loss_fwd);                           \
+  m.impl("ghmc_histogram", &focal::ghmc_histogram);                         \
+  m.impl("ghmc_weights", &focal::ghmc_weights);                             \
   m.impl("scale_grad_", &focal::scale_grad_);
 
 TORCH_LIBRARY_IMPL(focal_cuda, CPU, m) { FOCAL_IMPLS(m) }

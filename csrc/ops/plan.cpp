@@ -49,6 +49,8 @@ const char* op_name(LossKind kind) {
       return "focal_cuda.sigmoid_focal_loss_star";
     case LossKind::IoUAwareBCE:
       return "focal_cuda.iou_aware_bce_loss";
+    case LossKind::GHMC:
+      return "focal_cuda.ghmc_loss";
     default:
       return "focal_cuda.sigmoid_focal_loss";
   }
@@ -132,6 +134,9 @@ void check_options(const char* op, LossKind kind, const LossOptions& o) {
     case LossKind::IoUAwareBCE:
       TORCH_CHECK_VALUE(o.alpha >= 0.0 && o.alpha <= 1.0, op, ": alpha must be in [0, 1], got ", o.alpha);
       TORCH_CHECK_VALUE(finite_at_least(o.gamma, 0.0), op, ": gamma must be a finite number >= 0, got ", o.gamma);
+      break;
+    case LossKind::GHMC:  // (the table tensor itself is checked by the ops, ghmc_ops.cpp)
+      TORCH_CHECK_VALUE(o.bins >= 1, op, ": bins must be >= 1, got ", o.bins);
       break;
   }
 }

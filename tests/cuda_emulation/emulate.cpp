@@ -36,6 +36,14 @@ inline float __uint_as_float(uint32_t u) {
   return f;
 }
 
+// Integer atomics: one thread runs at a time.
+template <class T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
 namespace cub {
 template <class T, int kThreadsPerBlock>
 struct BlockReduce {
@@ -80,8 +88,13 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(
     const at::Tensor& input, const at::Tensor& targets, const std::optional<at::Tensor>& scores,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& divisor, double scale, int64_t reduction,
     int64_t ignore_index, bool compute_grad, bool acc_loss, int64_t loss_kind, double alpha, double gamma, double beta,
-    double label_smoothing, bool iou_weighted, bool detach_weight, int64_t grid) {
+    double label_smoothing, bool iou_weighted, bool detach_weight, const std::optional<at::Tensor>& table,
+    int64_t grid) {
   LossOptions o;
+  if (table) {  // GHM-C's loss pass
+    o.table = table->data_ptr();
+    o.bins = (table->numel() - 2) / 3;
+  }
   o.alpha = alpha;
   o.gamma = gamma;
   o.beta = beta;
@@ -117,6 +130,70 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(
   return {plan.loss, plan.grad, chosen};
 }
 
+// GHM-C's histogram pass as the op plans it, the kernel's three phases run for
+// each block in turn (every thread through a phase before the next phase: the
+// kernel's barriers), its shared memory a local array. Returns the int64 counts.
+at::Tensor emulate_ghmc_histogram(const at::Tensor& input, const at::Tensor& targets,
+                                  const std::optional<at::Tensor>& weight, int64_t bins, int64_t ignore_index,
+                                  int64_t grid) {
+  LossOptions o;
+  o.bins = bins;
+  const ForwardArgs args{1.0, 1, ignore_index, false, 0.0, false};
+  const ForwardPlan plan =
+      plan_forward(input, targets, std::nullopt, weight, std::nullopt, args, LossKind::GHMC, o, Target::Cuda);
+  at::Tensor counts = at::zeros({bins + 1}, input.options().dtype(at::kLong));
+  if (plan.empty) return counts;
+  const FocalParams& p = plan.p;
+  const int b = static_cast<int>(bins);
+  std::vector<unsigned long long> smem(ghmc_shared_bytes(bins) / sizeof(unsigned long long));
+  auto* out = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  dispatch_ghmc(p, [&](auto v) {
+    using V = decltype(v);
+    using scalar_t = typename V::scalar_t;
+    using acc_t = acc_type<scalar_t>;
+    gridDim.x = static_cast<unsigned>(grid);
+    blockDim.x = kThreads;
+    for (int64_t blk = 0; blk < grid; ++blk) {
+      blockIdx.x = static_cast<unsigned>(blk);
+      std::fill(smem.begin(), smem.end(), 0xdeadbeefdeadbeefull);  // the init phase must set what is read
+      const GhmcShared<acc_t> s = ghmc_shared<acc_t>(smem.data(), b);
+      for (int t = kThreads - 1; t >= 0; --t) {
+        threadIdx.x = static_cast<unsigned>(t);
+        ghmc_hist_init(s, b);
+      }
+      for (int t = kThreads - 1; t >= 0; --t) {
+        threadIdx.x = static_cast<unsigned>(t);
+        ghmc_hist_count<scalar_t, typename V::target_t>(p, s, b);
+      }
+      for (int t = kThreads - 1; t >= 0; --t) {
+        threadIdx.x = static_cast<unsigned>(t);
+        ghmc_hist_flush(s, out, b);
+      }
+    }
+  });
+  return counts;
+}
+
+// GHM-C's bin-weight kernel (one block). Returns (table, new running counts).
+std::tuple<at::Tensor, at::Tensor> emulate_ghmc_weights(const at::Tensor& counts, const std::optional<at::Tensor>& acc,
+                                                        double momentum, double norm, bool float64) {
+  const int64_t bins = counts.numel() - 1;
+  at::Tensor table = at::empty({3 * bins + 2}, counts.options().dtype(float64 ? at::kDouble : at::kFloat));
+  const bool use_acc = momentum > 0.0;
+  at::Tensor acc_out = at::empty({use_acc ? bins : 0}, counts.options().dtype(at::kFloat));
+  const auto* c = reinterpret_cast<const long long*>(counts.data_ptr<int64_t>());
+  const float* in = use_acc ? acc->data_ptr<float>() : nullptr;
+  float* out = use_acc ? acc_out.data_ptr<float>() : nullptr;
+  if (float64) {
+    launch(ghmc_weights_kernel<double>, 1, c, in, out, table.data_ptr<double>(), static_cast<int>(bins), momentum,
+           norm);
+  } else {
+    launch(ghmc_weights_kernel<float>, 1, c, in, out, table.data_ptr<float>(), static_cast<int>(bins), momentum,
+           norm);
+  }
+  return {table, acc_out};
+}
+
 }  // namespace
 }  // namespace focal::cuda
 
@@ -127,5 +204,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reduction") = 0, py::arg("ignore_index") = -1, py::arg("compute_grad") = true,
         py::arg("acc_loss") = false, py::arg("loss_kind") = 0, py::arg("alpha") = 0.25, py::arg("gamma") = 2.0,
         py::arg("beta") = 0.0, py::arg("label_smoothing") = 0.0, py::arg("iou_weighted") = true,
-        py::arg("detach_weight") = false, py::arg("grid") = 1);
+        py::arg("detach_weight") = false, py::arg("table") = py::none(), py::arg("grid") = 1);
+  m.def("ghmc_histogram", &focal::cuda::emulate_ghmc_histogram, py::arg("input"), py::arg("targets"),
+        py::arg("weight") = py::none(), py::arg("bins") = 10, py::arg("ignore_index") = -1, py::arg("grid") = 1);
+  m.def("ghmc_weights", &focal::cuda::emulate_ghmc_weights, py::arg("counts"), py::arg("acc_sum") = py::none(),
+        py::arg("momentum") = 0.0, py::arg("norm") = 1.0, py::arg("float64") = false);
 }
