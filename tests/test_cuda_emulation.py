@@ -321,3 +321,99 @@ def test_emulated_members_match_cpu_op(emu, dtype, C, form, weighted, member):
         torch.testing.assert_close(grad.double(), ref_grad.double(), **member_close(dtype, ref_grad))
         total, _, _ = emu_forward(emu, x, labels, w, total=True, want_grad=False, grid=grid, scores=scores, **options)
         torch.testing.assert_close(total.double(), ref_loss.double().sum(), rtol=sum_rtol(dtype), atol=0)
+
+
+# ----------------------------------------------------------------------------- GHM-C
+
+def ghmc_case(form, rows, C, dtype, g, bins):
+    """Logits on the bin thresholds (binary targets bin by exact comparisons there, so CPU and device
+    must agree exactly) or, for soft targets, anywhere (their bins compare g = |p - y| with the edges:
+    host and vector math may round p apart, so those logits keep a margin from the edges)."""
+    ks = torch.arange(1, bins, dtype=torch.float64)
+    thr = torch.log(ks / bins / (1 - ks / bins)).float()
+    vals = torch.cat([thr, torch.nextafter(thr, thr + 1), torch.nextafter(thr, thr - 1), torch.randn(40, generator=g) * 3,
+                      torch.tensor([0.0, 30.0, float("inf")])])
+    vals = torch.cat([vals, -vals])
+    x = vals[torch.randint(0, vals.numel(), (rows, C), generator=g)]
+    if form in ("labels", "labels32"):
+        t = torch.randint(-1, C + 1, (rows,), generator=g)
+        t[: min(rows, C)] = torch.arange(min(rows, C))
+        t = t.int() if form == "labels32" else t
+    elif form == "binary":
+        t = (torch.rand(rows, C, generator=g) < 0.3).float()
+    else:
+        t = torch.rand(rows, C, generator=g)
+        t[:, 0] = 0.0
+        t[:, 1] = 1.0
+        p = torch.sigmoid(x.double())
+        gn = (p - t.double()).abs() * bins
+        near = ((gn - gn.round()).abs() < 1e-3) & (gn.round() > 0) & (gn.round() < bins)
+        x = torch.where(near, x + 0.25 / bins, x)
+    if dtype != torch.float32:
+        x = x.to(dtype)
+        if t.dtype.is_floating_point and dtype == torch.float64:
+            t = t.double()
+    return x, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [3, 8, 91])
+@pytest.mark.parametrize("form", ["labels", "labels32", "binary", "soft"])
+@pytest.mark.parametrize("layout", ["contiguous", "weighted", "strided"])
+def test_emulated_ghmc_histogram_matches_cpu_op(emu, dtype, C, form, layout):
+    """GHM-C's histogram kernel (its three phases, every block's shared counts, run-length adds) against
+    the CPU op: the same int64 counts, exactly, on grids of 1 and 3 blocks."""
+    g = torch.Generator().manual_seed(C + len(form) * 5 + len(layout))
+    rows = 3000 // C + 7
+    bins = 10 if C != 8 else 30
+    x, t = ghmc_case(form, rows, C, dtype, g, bins)
+    w = None
+    if layout == "weighted":
+        w = (torch.rand(rows, 1, generator=g) < 0.8).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if layout == "strided":
+        x = x.t().contiguous().t()
+    cpu = torch.ops.focal_cuda.ghmc_histogram(x, t, w, bins, -1)
+    assert int(cpu[:bins].sum()) <= int(cpu[bins]) and int(cpu[bins]) > 0
+    for grid in (1, 3):
+        counts = emu.ghmc_histogram(x, t, w, bins=bins, ignore_index=-1, grid=grid)
+        assert counts.tolist() == cpu.tolist(), grid
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.75])
+@pytest.mark.parametrize("norm", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("float64", [False, True])
+def test_emulated_ghmc_weights_match_cpu_op(emu, momentum, norm, float64):
+    g = torch.Generator().manual_seed(int(momentum * 4 + norm * 2 + float64))
+    counts = torch.randint(0, 50, (31,), generator=g)
+    counts[[3, 7, 8]] = 0  # empty bins
+    counts[30] = int(counts[:30].sum()) + 5  # valid elements (5 NaN: in no bin)
+    acc = torch.rand(30, generator=g) * 40 if momentum else None
+    table, acc_out = torch.ops.focal_cuda.ghmc_weights(counts, acc, momentum, norm, float64)
+    etable, eacc = emu.ghmc_weights(counts, acc, momentum=momentum, norm=norm, float64=float64)
+    assert etable.dtype == table.dtype
+    torch.testing.assert_close(etable, table, rtol=0, atol=0)
+    torch.testing.assert_close(eacc, acc_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [3, 8, 91])
+@pytest.mark.parametrize("form", ["labels", "binary", "soft"])
+@pytest.mark.parametrize("weighted", ["none", "row"])
+def test_emulated_ghmc_loss_pass_matches_cpu_op(emu, dtype, C, form, weighted):
+    """GHM-C's loss pass (the family kernels with the GHMC member reading the bin table) against the
+    CPU op, elementwise and summed, through the label-rows and general kernels."""
+    g = torch.Generator().manual_seed(C * 3 + len(form))
+    rows = 3000 // C + 7
+    x, t = ghmc_case(form, rows, C, dtype, g, 10)
+    w = None
+    if weighted == "row":
+        w = (torch.rand(rows, 1, generator=g) < 0.8).float()
+    counts = torch.ops.focal_cuda.ghmc_histogram(x, t, w, 10, -1)
+    table, _ = torch.ops.focal_cuda.ghmc_weights(counts, None, 0.0, 1.0, False)
+    ref_loss, ref_grad = torch.ops.focal_cuda.ghmc_loss_fwd(x, t, None, w, None, 1.0, 0, -1, True, 0.0, False, table)
+    for grid in (1, 3):
+        loss, grad, chosen = emu_forward(emu, x, t, w, grid=grid, loss_kind=6, table=table)
+        assert chosen == expected_kernel(dtype, C, form == "labels", weighted)
+        torch.testing.assert_close(loss.double(), ref_loss.double(), **member_close(dtype, ref_loss[torch.isfinite(ref_loss)]),
+                                   equal_nan=True)
+        torch.testing.assert_close(grad.double(), ref_grad.double(), **member_close(dtype, ref_grad), equal_nan=True)

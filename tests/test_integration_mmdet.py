@@ -176,7 +176,7 @@ class _FakeRegistry:
 
     def __init__(self):
         self.module_dict = {"FocalLoss": "stock FocalLoss", "QualityFocalLoss": "stock QFL",
-                            "VarifocalLoss": "stock VFL"}
+                            "VarifocalLoss": "stock VFL", "GHMC": "stock GHMC"}
 
     def register_module(self, name, module, force=False):
         assert force or name not in self.module_dict
@@ -199,6 +199,9 @@ def test_mmdet_registration_and_patch(monkeypatch):
     with fc_mmdet.patched():  # unchanged configs (type='FocalLoss') build the fused losses
         assert registry.module_dict["FocalLoss"] is fc_mmdet.FocalLoss
         assert registry.module_dict["VarifocalLoss"] is fc_mmdet.VarifocalLoss
+        assert registry.module_dict["GHMC"] is fc_mmdet.GHMC
+    assert registry.module_dict["GHMCCudaLoss"] is fc_mmdet.GHMC
+    assert registry.module_dict["GHMC"] == "stock GHMC"
     assert registry.module_dict["FocalLoss"] == "stock FocalLoss"
     assert registry.module_dict["QualityFocalLoss"] == "stock QFL"
 
@@ -210,3 +213,84 @@ def test_mmdet_absent():
         assert fc_mmdet.register_with_mmdet() is False
         with pytest.raises(ImportError, match="mmdet is not installed"):
             fc_mmdet.patch()
+
+
+# ----------------------------------------------------------------------------- GHMC
+
+def mmdet_ghmc_from_source(pred, target, label_weight, bins, momentum, acc_sum, reduction="mean", loss_weight=1.0):
+    """mmdet 3.x's GHMC.forward, step by step as its source reads: labels expanded to one-hot (outside
+    [0, C): all zero) with label_weight.view(-1, 1).expand(N, C); g = |sigmoid - target|; valid =
+    label_weight > 0; tot = max(valid count, 1); per bin (edges k / bins, the last + 1e-6) tot / count or
+    tot / acc_sum (momentum, non-empty bins only); / n; weight_reduce_loss(avg_factor=tot)."""
+    C = pred.size(-1)
+    if pred.dim() != target.dim():
+        onehot = torch.zeros(pred.shape, dtype=torch.float32)
+        inside = (target >= 0) & (target < C)
+        onehot[inside.nonzero().flatten(), target[inside]] = 1
+        target = onehot
+        label_weight = label_weight.view(-1, 1).expand(pred.shape)
+    target, label_weight = target.float(), label_weight.float()
+    edges = torch.arange(bins + 1).float() / bins
+    edges[-1] += 1e-6
+    weights = torch.zeros_like(pred)
+    g = torch.abs(pred.sigmoid().detach() - target)
+    valid = label_weight > 0
+    tot = max(valid.float().sum().item(), 1.0)
+    n = 0
+    for i in range(bins):
+        inds = (g >= edges[i]) & (g < edges[i + 1]) & valid
+        num = inds.sum().item()
+        if num > 0:
+            if momentum > 0:
+                acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * num
+                weights[inds] = tot / acc_sum[i]
+            else:
+                weights[inds] = tot / num
+            n += 1
+    if n > 0:
+        weights = weights / n
+    loss = F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none") * weights
+    if reduction == "mean":
+        loss = loss.sum() / (tot + torch.finfo(torch.float32).eps)
+    return loss * loss_weight
+
+
+@pytest.mark.parametrize("form", ["labels", "dense"])
+@pytest.mark.parametrize("momentum", [0.0, 0.75])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_mmdet_ghmc(device, form, momentum, reduction):
+    g = torch.Generator().manual_seed(int(momentum * 4) + len(form) + len(reduction))
+    N, C = 400, 20
+    target = torch.randint(-1, C + 1, (N,), generator=g)  # -1 and C: background for mmdet
+    label_weight = (torch.rand(N, generator=g) < 0.85).float()
+    if form == "dense":
+        inside = (target >= 0) & (target < C)
+        dense = torch.zeros(N, C)
+        dense[inside.nonzero().flatten(), target[inside]] = 1
+        target, label_weight = dense, label_weight.view(-1, 1).expand(N, C).contiguous()
+    # logits away from the bin edges (there mmdet's float32 sigmoid and the exact bins may disagree)
+    pred = torch.randn(N, C, generator=g) * 2
+    ref_target = target if form == "dense" else None
+    crit = fc_mmdet.GHMC(bins=10, momentum=momentum, loss_weight=0.5, reduction=reduction).to(device)
+    acc_ref = torch.zeros(10)
+    for _ in range(2):
+        y = ref_target if ref_target is not None else torch.nn.functional.one_hot(
+            torch.where((target >= 0) & (target < C), target, torch.full_like(target, C)), C + 1)[:, :C].float()
+        gn = (torch.sigmoid(pred.double()) - y.double()).abs() * 10
+        pred = torch.where((gn - gn.round()).abs() < 2e-3, pred + 0.03, pred)
+        xr = pred.clone().requires_grad_()
+        expected = mmdet_ghmc_from_source(xr, target, label_weight, 10, momentum, acc_ref, reduction, 0.5)
+        expected.backward(torch.ones_like(expected))
+        x = pred.detach().clone().to(device).requires_grad_()
+        loss = crit(x, target.to(device), label_weight.to(device))
+        loss.backward(torch.ones_like(loss))
+        assert_close64(loss.detach(), expected.detach().double(), rtol=2e-6, atol=1e-7)
+        assert_close64(x.grad, xr.grad.double(), rtol=2e-5, atol=2e-6)
+        if momentum:
+            torch.testing.assert_close(crit.acc_sum.cpu(), acc_ref, rtol=1e-6, atol=0)
+        pred = pred * 1.3
+    assert set(crit.state_dict()) == ({"edges", "acc_sum"} if momentum else {"edges"})
+    with pytest.raises(ValueError, match='avg_factor can not be used with reduction="sum"'):
+        crit(pred.to(device), target.to(device), label_weight.to(device), reduction_override="sum")
+    with pytest.raises(AssertionError):
+        crit(pred.to(device), target.to(device), label_weight.to(device), reduction_override="avg")

@@ -1,10 +1,11 @@
-"""mmdetection (3.x): ``FocalLoss``, ``QualityFocalLoss`` and ``VarifocalLoss`` with mmdet's call
-signatures and semantics, fused (mmdet itself is not needed to use them).
+"""mmdetection (3.x): ``FocalLoss``, ``QualityFocalLoss``, ``VarifocalLoss`` and ``GHMC`` with mmdet's
+call signatures and semantics, fused (mmdet itself is not needed to use them).
 
     from focal_cuda.integrations import mmdet as fc_mm
-    fc_mm.register_with_mmdet()   # FocalCudaLoss, QualityFocalCudaLoss, VarifocalCudaLoss in mmdet's MODELS
-    fc_mm.patch()                 # or replace mmdet's own FocalLoss / QualityFocalLoss / VarifocalLoss
-                                  # registry entries, so unchanged configs build these (unpatch() restores)
+    fc_mm.register_with_mmdet()   # FocalCudaLoss, QualityFocalCudaLoss, VarifocalCudaLoss, GHMCCudaLoss
+                                  # in mmdet's MODELS
+    fc_mm.patch()                 # or replace mmdet's own FocalLoss / QualityFocalLoss / VarifocalLoss /
+                                  # GHMC registry entries, so unchanged configs build these (unpatch() restores)
 
 mmdet's semantics, kept (its ``weight_reduce_loss``, its asserts):
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as F_
+from .. import ghmc as _ghmc
 from ._patching import Patches
 
 EPS = torch.finfo(torch.float32).eps
@@ -215,9 +217,52 @@ class VarifocalLoss(nn.Module):
         return self.loss_weight * _fused(call, pred, target.to(pred.dtype), weight, reduction, avg_factor)
 
 
+class GHMC(nn.Module):
+    """mmdet's ``GHMC`` (GHM-C, ``use_sigmoid=True``), fused and without its host synchronisations.
+
+    ``forward(pred, target, label_weight, reduction_override=None)``: ``target`` holds class indices
+    ``(N,)`` (outside ``[0, C)``: background, as mmdet's one-hot expansion) with ``label_weight (N,)``,
+    or a binary target of the prediction's shape with ``label_weight`` of that shape; valid where
+    ``label_weight > 0``. 'mean' is ``sum / tot`` (mmdet: ``sum / (tot + eps)``, the same in float32),
+    'none' the weighted elementwise loss; 'sum' raises as mmdet's ``weight_reduce_loss`` does with an
+    ``avg_factor``. The ``edges`` (unused: the bins are found exactly from the logits) and, with momentum,
+    ``acc_sum`` buffers have mmdet's names, so mmdet checkpoints load."""
+
+    def __init__(self, bins: int = 10, momentum: float = 0.0, use_sigmoid: bool = True, loss_weight: float = 1.0,
+                 reduction: str = "mean"):
+        super().__init__()
+        if not use_sigmoid:
+            raise NotImplementedError
+        _ghmc._check_options(bins, momentum, reduction, loss_weight)
+        self.bins = bins
+        self.momentum = momentum
+        edges = torch.arange(bins + 1).float() / bins
+        edges[-1] += 1e-6
+        self.register_buffer("edges", edges)
+        if momentum > 0:
+            self.register_buffer("acc_sum", torch.zeros(bins))
+        self.use_sigmoid = use_sigmoid
+        self.loss_weight = loss_weight
+        self.reduction = reduction
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, label_weight: torch.Tensor,
+                reduction_override: Optional[str] = None, **kwargs) -> torch.Tensor:
+        reduction = _reduction(reduction_override, self.reduction)
+        _check_avg_factor(reduction, 1.0)  # mmdet passes avg_factor=tot: 'sum' raises
+        if pred.dim() != target.dim():
+            C = pred.size(-1)
+            target = torch.where((target >= 0) & (target < C), target, torch.full_like(target, C)).long()
+        else:
+            target = target.to(pred.dtype)
+        return _ghmc.ghmc_loss(pred, target, label_weight, self.bins, self.momentum,
+                               self.acc_sum if self.momentum > 0 else None, _NEVER, reduction=reduction,
+                               loss_weight=float(self.loss_weight))
+
+
 REGISTERED = {"FocalCudaLoss": FocalLoss, "QualityFocalCudaLoss": QualityFocalLoss,
-              "VarifocalCudaLoss": VarifocalLoss}
-REPLACES = {"FocalLoss": FocalLoss, "QualityFocalLoss": QualityFocalLoss, "VarifocalLoss": VarifocalLoss}
+              "VarifocalCudaLoss": VarifocalLoss, "GHMCCudaLoss": GHMC}
+REPLACES = {"FocalLoss": FocalLoss, "QualityFocalLoss": QualityFocalLoss, "VarifocalLoss": VarifocalLoss,
+            "GHMC": GHMC}
 
 
 def register_with_mmdet() -> bool:
@@ -264,8 +309,8 @@ _patches = Patches("mmdet", _targets)
 
 
 def patch() -> None:
-    """Replace mmdet's FocalLoss, QualityFocalLoss and VarifocalLoss registry entries (configs that name
-    them build these); mmdet must be installed."""
+    """Replace mmdet's FocalLoss, QualityFocalLoss, VarifocalLoss and GHMC registry entries (configs that
+    name them build these); mmdet must be installed."""
     _patches.patch()
 
 
