@@ -188,7 +188,7 @@ setup(
     name="focal_cuda",
     version=VERSION,
     description="Fused sigmoid focal loss (forward + gradient in one pass) for PyTorch, CPU and CUDA",
-    packages=["focal_cuda", "focal_cuda.integrations"],
+    packages=["focal_cuda", "focal_cuda.integrations", "focal_cuda.experiments"],
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",

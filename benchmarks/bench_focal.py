@@ -90,6 +90,19 @@ FAMILY = {
 }
 FAMILY_VARIANTS = ["fused_labels", "fused_focal", "eager_labels", "eager_dense", "compile_dense", "compile_labels"]
 
+# The focal loss's alternatives (RetinaNet-like labels, 1% positives, 10% ignored), raced as:
+#   fused_labels    focal_cuda.GHMCLoss (ghmc: the defaults, 10 bins, as mmdet's GHMC; ghmc30: mmdet's GHM
+#                   RetinaNet config, 30 bins and momentum 0.75) / ohem_loss (3:1)
+#   fused_focal     focal_cuda.sigmoid_focal_loss on the same labels
+#   eager_labels    mmdet's algorithm in eager PyTorch (focal_cuda.reference.ghmc_loss: a mask, a sum
+#                   and a host sync per bin) / OHEM in eager PyTorch (sort-based selection, BCE, mask)
+#   compile_labels  torch.compile(fullgraph) of a sync-free PyTorch GHM-C (bin counts by scatter_add)
+#                   / of the eager OHEM
+GHMC_CONFIGS = {"ghmc": (10, 0.0), "ghmc30": (30, 0.75)}  # (bins, momentum)
+ALTERNATIVES = tuple(GHMC_CONFIGS) + ("ohem",)
+ALTERNATIVE_VARIANTS = ["fused_labels", "fused_focal", "eager_labels", "compile_labels"]
+OHEM_RATIO = 3.0
+
 
 @dataclass
 class Case:
@@ -127,12 +140,16 @@ def family_cases(batch: int) -> List[Case]:
     return [Case("coco", batch, *COCO, "fp32", "sum", None, loss, "scores") for loss in FAMILY]
 
 
+def alternative_cases(batch: int) -> List[Case]:
+    return [Case("coco", batch, *COCO, "fp32", "sum", None, loss, "labels") for loss in ALTERNATIVES]
+
+
 def preset(name: str) -> List[Case]:
     if name == "quick":  # CPU: the COCO problem at batch 1, then the family sweep
         return [
             Case("coco", 1, *COCO, "fp32", "sum"),
             Case("coco", 1, *COCO, "bf16", "sum", ["fused_labels", "eager_dense", "compile_dense"]),
-        ] + family_cases(1)
+        ] + family_cases(1) + alternative_cases(1)
     # the issue's headline cases first, so a run stopped at a time limit still has them
     cases = [Case("coco", 16, *COCO, dt, "sum") for dt in ("fp32", "bf16")]
     cases += [Case("coco", b, *COCO, "fp32", "sum") for b in (1, 2, 8)]
@@ -141,6 +158,7 @@ def preset(name: str) -> List[Case]:
     cases += [Case("torchvision91", 8, *TV91, "fp32", "sum")]
     cases += [Case("mlperf", b, *MLPERF, dt, "sum") for b in (8, 32) for dt in ("fp32", "bf16")]
     cases += family_cases(16)
+    cases += alternative_cases(16)
     return cases
 
 
@@ -293,7 +311,7 @@ def make_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
     x = torch.randn(B, A, C, device=device, dtype=torch.float32, generator=g).mul_(2.0).sub_(4.0).to(dtype)
     # RetinaNet-like matching: ~1% positives (family cases: 10%), ~10% ignored (between thresholds),
     # the rest background
-    pos_frac = 0.10 if case.family else 0.01
+    pos_frac = 0.10 if case.targets == "scores" else 0.01
     u = torch.rand(B, A, device=device, generator=g)
     cls = torch.randint(0, C, (B, A), device=device, generator=g)
     labels = torch.where(u < pos_frac, cls, torch.full_like(cls, C))
@@ -316,6 +334,8 @@ def variant_fns(case: Case, device: torch.device):
     def finish(loss_elementwise, n):
         return loss_elementwise.sum() / n if red == "sum" else loss_elementwise / n
 
+    if case.loss in ALTERNATIVES:
+        return alternative_fns(case)
     if case.family:
         return family_fns(case, finish)
 
@@ -383,6 +403,76 @@ def family_fns(case: Case, finish):
     }
 
 
+def ghmc_torch(x, labels, acc_sum, bins: int, momentum: float):
+    """GHM-C in plain PyTorch without a host synchronisation (mmdet's semantics; bins by floor(g * bins)):
+    per-bin counts by scatter_add, weights gathered back per element."""
+    C = x.shape[-1]
+    valid = (labels != -1).unsqueeze(-1).expand(x.shape)
+    y = F.one_hot(labels.clamp_min(0), C + 1)[..., :C].to(x.dtype)
+    g = (torch.sigmoid(x.detach()) - y).abs()
+    b = (g * bins).floor().clamp(max=bins - 1).long()
+    b = torch.where(valid, b, torch.full_like(b, bins))  # not valid: an extra bin
+    counts = torch.zeros(bins + 1, dtype=torch.float32, device=x.device).scatter_add_(
+        0, b.flatten(), torch.ones(b.numel(), dtype=torch.float32, device=x.device))[:bins]
+    tot = valid.sum().clamp_min(1).float()
+    nonempty = counts > 0
+    n = nonempty.sum().clamp_min(1)
+    acc = torch.where(nonempty, momentum * acc_sum + (1 - momentum) * counts, acc_sum) if momentum > 0 else counts
+    if momentum > 0:
+        acc_sum.copy_(acc)
+    w_bin = torch.where(nonempty, tot / acc.clamp_min(1e-12), torch.zeros_like(acc)) / n
+    w = torch.cat([w_bin, w_bin.new_zeros(1)])[b]
+    return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * w).sum() / tot
+
+
+def ohem_torch(x, labels, ratio: float):
+    """OHEM 3:1 in plain PyTorch: the same device-side selection as focal_cuda.ohem_loss, then the BCE
+    over the whole tensor times the mask."""
+    C = x.shape[-1]
+    mask = focal_cuda.ohem.hard_negative_mask(x, labels, ratio)
+    y = F.one_hot(labels.clamp_min(0), C + 1)[..., :C].to(x.dtype)
+    return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * mask.unsqueeze(-1)).sum()
+
+
+def alternative_fns(case: Case):
+    """The GHM-C or OHEM case's variants (see ALTERNATIVES). Each GHM-C variant keeps its own running
+    counts, as a training run would."""
+    if case.loss in GHMC_CONFIGS:
+        bins, momentum = GHMC_CONFIGS[case.loss]
+        module = focal_cuda.GHMCLoss(bins, momentum)
+        acc_eager = torch.zeros(bins)
+        acc_compile = torch.zeros(bins)
+        compiled = torch.compile(ghmc_torch, fullgraph=True, dynamic=False)
+
+        def fused(inp):
+            module.to(inp.x.device)
+            return module(inp.x, inp.labels)
+
+        def eager(inp):
+            return R.ghmc_loss(inp.x, inp.labels, None, bins, momentum, acc_eager.to(inp.x.device))
+
+        def compiled_fn(inp):
+            return compiled(inp.x, inp.labels, acc_compile.to(inp.x.device), bins, momentum)
+    else:
+        compiled = torch.compile(ohem_torch, fullgraph=True, dynamic=False)
+
+        def fused(inp):
+            return focal_cuda.ohem_loss(inp.x, inp.labels, OHEM_RATIO, "sum", inp.num_pos)
+
+        def eager(inp):
+            return ohem_torch(inp.x, inp.labels, OHEM_RATIO) / inp.num_pos
+
+        def compiled_fn(inp):
+            return compiled(inp.x, inp.labels, OHEM_RATIO) / inp.num_pos
+    return {
+        "fused_labels": fused,
+        "fused_focal": lambda inp: focal_cuda.sigmoid_focal_loss(inp.x, inp.labels, ALPHA, GAMMA, "sum",
+                                                                 normalizer=inp.num_pos),
+        "eager_labels": eager,
+        "compile_labels": compiled_fn,
+    }
+
+
 def min_bytes(case: Case, grad: bool, dense_targets: bool = False) -> int:
     """Fewest bytes the fused computation moves (docs/design.md, the byte floor), label targets unless told."""
     s = torch.finfo(DTYPES[case.dtype]).bits // 8
@@ -440,7 +530,8 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, log) -> d
     del dst
     log(f"  copy: {copy_ms:.3f} ms, {copy_gbps:.1f} GB/s")
 
-    names = [v for v in (case.variants or (FAMILY_VARIANTS if case.family else ALL_VARIANTS)) if v in fns]
+    default = ALTERNATIVE_VARIANTS if case.loss in ALTERNATIVES else FAMILY_VARIANTS if case.family else ALL_VARIANTS
+    names = [v for v in (case.variants or default) if v in fns]
     for name in names:
         fn = fns[name]
         entry: Dict[str, object] = {}
@@ -488,7 +579,14 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, log) -> d
     with torch.no_grad():
         a = fns["fused_labels"](inputs[0]).double()
         inp = inputs[0]
-        if case.family:
+        if case.loss in GHMC_CONFIGS:  # the same running counts: a fresh buffer each, one call each
+            bins, momentum = GHMC_CONFIGS[case.loss]
+            a = focal_cuda.ghmc_loss(inp.x, inp.labels, None, bins, momentum,
+                                     torch.zeros(bins, device=device)).double()
+            b = R.ghmc_loss(inp.x.double(), inp.labels, None, bins, momentum, torch.zeros(bins, device=device))
+        elif case.loss == "ohem":
+            b = R.ohem_loss(inp.x.double(), inp.labels, OHEM_RATIO, "sum", inp.num_pos)
+        elif case.family:
             _, options, twin, _ = FAMILY[case.loss]
             b = twin(inp.x.double(), (inp.labels, inp.scores), **options, reduction=case.reduction,
                      normalizer=inp.num_pos, validate=False)

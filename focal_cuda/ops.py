@@ -62,6 +62,7 @@ _scale_grad = scale_grad_op.default
 # GHM-C's histogram and bin-weight ops (no gradient: counts and constants)
 GHMC_HISTOGRAM = torch.ops.focal_cuda.ghmc_histogram.default
 GHMC_WEIGHTS = torch.ops.focal_cuda.ghmc_weights.default
+GHMC_GRID = 4096  # csrc/losses/ghmc.h, kGhmcGrid: the table is 3 bins + 4 + GHMC_GRID values
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,7 +92,7 @@ def _ghmc_histogram_fake(input, targets, weight, bins, ignore_index):
 @torch.library.register_fake("focal_cuda::ghmc_weights")
 def _ghmc_weights_fake(counts, acc_sum, momentum, norm, float64):
     bins = counts.shape[0] - 1
-    table = counts.new_empty((3 * bins + 2,), dtype=torch.float64 if float64 else torch.float32)
+    table = counts.new_empty((3 * bins + 4 + GHMC_GRID,), dtype=torch.float64 if float64 else torch.float32)
     return table, counts.new_empty((bins if momentum > 0 else 0,), dtype=torch.float32)
 
 

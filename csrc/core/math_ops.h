@@ -67,22 +67,17 @@ FOCAL_HD T log1p_unit_poly(T e) {
 //  * mul_or_zero(a, b): a * b for a, b >= 0, read as 0 where the product is
 //    NaN (a = 0 with b infinite: the limit of p * ce where p vanishes and ce
 //    grows without bound; or a NaN input, which the other terms still carry).
-//  * lanewise2(f, a, b), lanewise4(f, a, b, c, d): f(a, b, ...) of scalars,
-//    lane by lane (a table lookup, GHM-C's bin weights).
+//  * trunc(x); gather(table, i): table[trunc(i)] for i in [0, 2^24) held in a
+//    float lane (GHM-C's bin lookups); any_negative(x): whether a lane is below 0 (or -0).
 #define FOCAL_SCALAR_COMMON(T)                                                                \
   static FOCAL_HD T exp_nonpos(T x) { return exp(x); }                                         \
   static FOCAL_HD T neg_abs(T x) { return -abs(x); }                                            \
   static FOCAL_HD T select_nonneg(T s, T a, T b) { return s >= T(0) ? a : b; }                 \
   static FOCAL_HD T select_nonpos(T s, T a, T b) { return s <= T(0) ? a : b; }                 \
   static FOCAL_HD T mul_or_zero(T a, T b) { return fmax(a * b, T(0)); }                      \
-  template <class F>                                                                             \
-  static FOCAL_HD T lanewise2(const F& f, T a, T b) {                                            \
-    return f(a, b);                                                                              \
-  }                                                                                              \
-  template <class F>                                                                             \
-  static FOCAL_HD T lanewise4(const F& f, T a, T b, T c, T d) {                                  \
-    return f(a, b, c, d);                                                                        \
-  }
+  static FOCAL_HD T trunc(T x) { return ::trunc(x); }                                           \
+  static FOCAL_HD T gather(const T* table, T index) { return table[static_cast<int>(index)]; }  \
+  static FOCAL_HD bool any_negative(T x) { return x < T(0); }
 
 template <>
 struct MathOps<float> {

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../core/math_ops.h"
 #include "../core/params.h"
@@ -177,26 +178,31 @@ struct MathOps<at::vec::Vectorized<float>> {
   FOCAL_HD static V gt(V a, V b) { return a > b; }
   FOCAL_HD static V ne(V a, V b) { return a != b; }
   FOCAL_HD static V lt(V a, V b) { return a < b; }
-  // f lane by lane, through memory (GHM-C's bin lookup: a few scalar compares and a load per lane)
-  template <class F>
-  FOCAL_HD static V lanewise2(const F& f, V a, V b) {
-    constexpr int n = V::size();
-    float av[n], bv[n], out[n];
-    a.store(av);
-    b.store(bv);
-    for (int i = 0; i < n; ++i) out[i] = f(av[i], bv[i]);
-    return V::loadu(out);
+  FOCAL_HD static V trunc(V x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return V(_mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+#else
+    return x.trunc();
+#endif
   }
-  template <class F>
-  FOCAL_HD static V lanewise4(const F& f, V a, V b, V c, V d) {
-    constexpr int n = V::size();
-    float av[n], bv[n], cv[n], dv[n], out[n];
-    a.store(av);
-    b.store(bv);
-    c.store(cv);
-    d.store(dv);
-    for (int i = 0; i < n; ++i) out[i] = f(av[i], bv[i], cv[i], dv[i]);
+  // whether a lane's sign bit is set (x < 0, or -0)
+  FOCAL_HD static bool any_negative(V x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return _mm256_movemask_ps(x) != 0;
+#else
+    return (x < V(0.0f)).zero_mask() != (1 << V::size()) - 1;
+#endif
+  }
+  // table[i] per lane, i a whole number held in the lane (GHM-C's bin lookups)
+  FOCAL_HD static V gather(const float* table, V index) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return V(_mm256_i32gather_ps(table, _mm256_cvttps_epi32(index), 4));
+#else
+    float idx[V::size()], out[V::size()];
+    index.store(idx);
+    for (int i = 0; i < V::size(); ++i) out[i] = table[static_cast<int>(idx[i])];
     return V::loadu(out);
+#endif
   }
 };
 
@@ -261,17 +267,16 @@ struct MathOps<cpu::VecN<N>> {
   FOCAL_VECN_MAP(select_nonneg, (const T& s, const T& a, const T& b), (s.v[i], a.v[i], b.v[i]))
   FOCAL_VECN_MAP(select_nonpos, (const T& s, const T& a, const T& b), (s.v[i], a.v[i], b.v[i]))
   FOCAL_VECN_MAP(mul_or_zero, (const T& a, const T& b), (a.v[i], b.v[i]))
+  FOCAL_VECN_MAP(trunc, (const T& a), (a.v[i]))
 #undef FOCAL_VECN_MAP
-  template <class F>
-  FOCAL_HD static T lanewise2(const F& f, const T& a, const T& b) {
-    T o;
-    for (int i = 0; i < N; ++i) o.v[i] = VO::lanewise2(f, a.v[i], b.v[i]);
-    return o;
+  FOCAL_HD static bool any_negative(const T& a) {
+    bool any = false;
+    for (int i = 0; i < N; ++i) any = any || VO::any_negative(a.v[i]);
+    return any;
   }
-  template <class F>
-  FOCAL_HD static T lanewise4(const F& f, const T& a, const T& b, const T& c, const T& d) {
+  FOCAL_HD static T gather(const float* table, const T& index) {
     T o;
-    for (int i = 0; i < N; ++i) o.v[i] = VO::lanewise4(f, a.v[i], b.v[i], c.v[i], d.v[i]);
+    for (int i = 0; i < N; ++i) o.v[i] = VO::gather(table, index.v[i]);
     return o;
   }
 };
@@ -886,64 +891,96 @@ inline double focal_range_dispatch(const FocalParams& p, int64_t begin, int64_t 
 // dense y = 0 or 1) by exact comparisons of x' (x, or -x where y = 1) with the
 // thresholds, soft dense targets by g = |p - y| against the edges.
 //
-// Float32 builds with B <= kGhmcVecBins count unit-stride runs a vector at a
-// time without forming bins: for each threshold k, how many x' >= t_k (a compare
-// and a masked add per threshold); bin b then holds cum_b - cum_b+1. Everything
-// else is counted element by element (a binary search over the thresholds).
-constexpr int kGhmcVecBins = 32;
+// Float32 unit-stride runs take a vector at a time. Up to kGhmcCumBins bins:
+// for each threshold k, how many lanes have x' >= t_k (bin b then holds
+// cum_b - cum_b+1), no per-lane work: a compare and an integer subtract of the
+// mask per threshold, every threshold (stopping at the vector's largest x', as
+// most elements are easy negatives, measured slower: the branch costs more than
+// the compares it saves). More bins: each lane's bin from the
+// table's grid of cells in x' (one gather; a lane whose cell a threshold
+// crosses takes the exact search), counted in per-lane tallies (no two
+// consecutive increments hit the same counter, so they do not wait on each
+// other). Everything else is counted element by element by the exact search.
+constexpr int kGhmcCumBins = 64;
 
 template <class acc_t>
 struct GhmcCounter {
   static constexpr bool kVector = std::is_same_v<acc_t, float>;
-  const acc_t* t;  // thresholds t_0 .. t_B
-  const acc_t* e;  // edges e_0 .. e_B
+#if defined(CPU_CAPABILITY_AVX2)
+  using Count = __m256i;  // per-lane int32 counts
+#else
+  using Count = Vec;  // per-lane float counts (exact: a chunk puts at most 2^24 elements in a lane)
+#endif
+  const acc_t* t;     // thresholds t_0 .. t_B
+  const acc_t* e;     // edges e_0 .. e_B
+  const acc_t* grid;  // per cell: its bin, or -1
   int bins;
+  bool cumulative;
   int64_t* direct;  // B bins, then the valid count
-  bool vec_ok;
-  Vec tv[kGhmcVecBins];
-  Vec cum[kGhmcVecBins];
-  Vec valid_count;
+  // cumulative: per threshold k >= 1, the lanes' counts of x' >= t_k; cum[0]: valid lanes, not NaN
+  Vec tv[kGhmcCumBins];
+  Count cum[kGhmcCumBins];
+  Count valid_count;
+  // tallies, per lane: B bins, a slot for NaN logits (valid, in no bin), one for invalid lanes
+  std::vector<uint32_t> tally;
+  Vec origin, per_unit, top, nan_slot, invalid_slot;
 
   GhmcCounter(const acc_t* table, int b, int64_t* counts)
-      : t(table + b), e(table + 2 * b + 1), bins(b), direct(counts), vec_ok(kVector && b <= kGhmcVecBins) {
+      : t(table + ghmc_thresholds_at(b)),
+        e(table + ghmc_edges_at(b)),
+        grid(table + ghmc_grid_at(b)),
+        bins(b),
+        cumulative(b <= kGhmcCumBins),
+        direct(counts) {
     if constexpr (kVector) {
-      if (vec_ok) {
+      if (cumulative) {
         for (int k = 0; k < bins; ++k) {
           tv[k] = Vec(static_cast<float>(t[k]));
-          cum[k] = Vec(0.0f);
+          cum[k] = zero_count();
         }
-        valid_count = Vec(0.0f);
+        valid_count = zero_count();
+      } else {
+        tally.assign(static_cast<size_t>(kLanes) * (b + 2), 0u);
+        origin = Vec(static_cast<float>(table[ghmc_grid_origin_at(b)]));
+        per_unit = Vec(static_cast<float>(table[ghmc_grid_origin_at(b) + 1]));
+        top = Vec(static_cast<float>(kGhmcGrid - 1));
+        nan_slot = Vec(static_cast<float>(b));
+        invalid_slot = Vec(static_cast<float>(b + 1));
       }
     }
   }
 
-  // max { b < B : t_b <= x' } (t_0 = -inf), or -1 for NaN: what the loss pass's search finds.
-  int bin_logit(acc_t xp) const {
-    if (!(xp == xp)) return -1;
-    int lo = 0, hi = bins - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (t[mid] <= xp) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
+  static Count zero_count() {
+#if defined(CPU_CAPABILITY_AVX2)
+    return _mm256_setzero_si256();
+#else
+    return Vec(0.0f);
+#endif
   }
-  int bin_soft(acc_t g) const {
-    if (!(g == g)) return -1;
-    int lo = 0, hi = bins - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (e[mid] <= g) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
+  // c + 1 in the lanes where mask is set
+  FOCAL_HD static Count count_if(Count c, Vec mask) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return _mm256_sub_epi32(c, _mm256_castps_si256(mask));  // a set lane is -1
+#else
+    return c + (mask & Vec(1.0f));
+#endif
   }
+  static int64_t total(Count c) {
+    int64_t s = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    int32_t lanes[kLanes];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), c);
+    for (int j = 0; j < kLanes; ++j) s += lanes[j];
+#else
+    float lanes[kLanes];
+    c.store(lanes);
+    for (int j = 0; j < kLanes; ++j) s += static_cast<int64_t>(lanes[j]);
+#endif
+    return s;
+  }
+
+  int bin_logit(acc_t xp) const { return xp == xp ? ghmc_bin_exact(static_cast<double>(xp), t, bins) : -1; }
+  int bin_soft(acc_t g) const { return g == g ? ghmc_bin_exact(static_cast<double>(g), e, bins) : -1; }
   void add_bin(int b) {
     ++direct[bins];
     if (b >= 0) ++direct[b];
@@ -958,30 +995,60 @@ struct GhmcCounter {
   }
   // A vector of binary-target elements x' (valid: a lane mask).
   FOCAL_HD void add(Vec xp, Vec valid) {
-    const Vec one(1.0f);
-    valid_count = valid_count + (valid & one);
-    const Vec m = valid & (xp == xp) & one;
-    cum[0] = cum[0] + m;
-    for (int k = 1; k < bins; ++k) cum[k] = cum[k] + ((xp >= tv[k]) & m);
+    if (cumulative) {
+      valid_count = count_if(valid_count, valid);
+      const Vec m = valid & (xp == xp);  // valid, not NaN
+      cum[0] = count_if(cum[0], m);
+      const Vec v = Vec::blendv(Vec(-INFINITY), xp, m);  // the others pass no threshold
+      for (int k = 1; k < bins; ++k) cum[k] = count_if(cum[k], v >= tv[k]);
+      return;
+    }
+    using O = MathOps<Vec>;
+    const Vec c = (xp - origin) * per_unit;
+    Vec code = O::gather(grid, O::select(O::lt(c, top), O::max(c, Vec(0.0f)), top));
+    code = O::select(xp != xp, nan_slot, code);          // NaN: the NaN slot
+    code = O::select(valid, code, invalid_slot);         // not valid: discarded
+    if ((code < Vec(0.0f)).zero_mask() != (1 << kLanes) - 1) {  // a cell a threshold crosses: exact search
+      float xb[kLanes], cb[kLanes];
+      xp.store(xb);
+      code.store(cb);
+      for (int j = 0; j < kLanes; ++j) {
+        if (cb[j] < 0.0f) cb[j] = static_cast<float>(ghmc_bin_exact(static_cast<double>(xb[j]), t, bins));
+      }
+      code = Vec::loadu(cb);
+    }
+    uint32_t* base = tally.data();
+    int32_t idx[kLanes];
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256i lane_offset = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bins + 2));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx), _mm256_add_epi32(_mm256_cvttps_epi32(code), lane_offset));
+#else
+    float cb[kLanes];
+    code.store(cb);
+    for (int j = 0; j < kLanes; ++j) idx[j] = j * (bins + 2) + static_cast<int32_t>(cb[j]);
+#endif
+    for (int j = 0; j < kLanes; ++j) ++base[idx[j]];
   }
-  // The vector counts into direct (per lane at most a chunk's elements: exact in float).
+  // The vector counts into direct.
   void finish() {
     if constexpr (kVector) {
-      if (!vec_ok) return;
-      auto total = [](Vec v) {
-        float lanes[kLanes];
-        v.store(lanes);
-        int64_t s = 0;
-        for (int j = 0; j < kLanes; ++j) s += static_cast<int64_t>(lanes[j]);
-        return s;
-      };
-      int64_t next = 0;
-      for (int k = bins - 1; k >= 0; --k) {
-        const int64_t c = total(cum[k]);
-        direct[k] += c - next;
-        next = c;
+      if (cumulative) {
+        int64_t next = 0;
+        for (int k = bins - 1; k >= 0; --k) {
+          const int64_t c = total(cum[k]);
+          direct[k] += c - next;
+          next = c;
+        }
+        direct[bins] += total(valid_count);
+        return;
       }
-      direct[bins] += total(valid_count);
+      for (int j = 0; j < kLanes; ++j) {
+        const uint32_t* lane = tally.data() + j * (bins + 2);
+        for (int k = 0; k <= bins; ++k) {  // the bins, and the NaN slot: valid, in no bin
+          if (k < bins) direct[k] += lane[k];
+          direct[bins] += lane[k];
+        }
+      }
     }
   }
 };
@@ -992,9 +1059,9 @@ void ghmc_hist_range_t(const FocalParams& p, int64_t begin, int64_t end, int64_t
   const int bins = static_cast<int>(p.options.bins);
   GhmcCounter<acc_t> cnt(static_cast<const acc_t*>(p.options.table), bins, counts);
   const int64_t xcs = p.input.col_stride, tcs = p.target.col_stride, wcs = p.weight.col_stride;
-  for (int64_t i = begin; i < end;) {
-    const int64_t r = i / p.cols;
-    const int64_t c0 = i - r * p.cols;
+  int64_t r = begin / p.cols;
+  int64_t c0 = begin - r * p.cols;
+  for (int64_t i = begin; i < end; ++r, c0 = 0) {  // one row segment [c0, c1) of row r per step
     const int64_t c1 = std::min<int64_t>(p.cols, c0 + (end - i));
     i += c1 - c0;
     int64_t ox, ot, ow;
@@ -1015,7 +1082,7 @@ void ghmc_hist_range_t(const FocalParams& p, int64_t begin, int64_t end, int64_t
     }
     int64_t c = c0;
     if constexpr (GhmcCounter<acc_t>::kVector) {
-      if (cnt.vec_ok && xcs == 1 && (p.labels || tcs == 1) && (!w || wcs == 0 || wcs == 1)) {
+      if (xcs == 1 && (p.labels || tcs == 1) && (!w || wcs == 0 || wcs == 1)) {
         const Vec zero(0.0f), one(1.0f), all = Vec(0.0f) == Vec(0.0f);
         const Vec lanes = Vec::arange(0.0f, 1.0f);
         for (; c + kLanes <= c1; c += kLanes) {

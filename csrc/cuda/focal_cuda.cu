@@ -981,6 +981,7 @@ __global__ void __launch_bounds__(kThreads) ghmc_hist_kernel(const FocalParams p
 // The bins' weights (losses/ghmc.h, ghmc_bin_weight), the thresholds and the
 // edges into the loss pass's table, and the running counts: one block, each
 // thread a share of the bins (every thread first counts the non-empty bins).
+// ghmc_grid_kernel then fills the grid from them.
 template <class acc_t>
 __global__ void __launch_bounds__(kThreads)
     ghmc_weights_kernel(const long long* __restrict__ counts, const float* __restrict__ acc_in,
@@ -994,11 +995,16 @@ __global__ void __launch_bounds__(kThreads)
     table[k] = static_cast<acc_t>(
         ghmc_bin_weight(counts[k], acc, momentum, tot, n, norm, acc_out != nullptr ? acc_out + k : nullptr));
   }
-  for (int k = threadIdx.x; k <= bins; k += blockDim.x) {
-    table[bins + k] = ghmc_threshold<acc_t>(k, bins);
-    table[2 * bins + 1 + k] = ghmc_edge<acc_t>(k, bins);
-  }
+  ghmc_fill_bounds(table, bins, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
 }
+
+// The table's grid of cell weights, from the weights and thresholds ghmc_weights_kernel wrote.
+template <class acc_t>
+__global__ void __launch_bounds__(kThreads) ghmc_grid_kernel(acc_t* __restrict__ table, int bins) {
+  ghmc_fill_grid<acc_t>(table, bins, table, static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x),
+                        static_cast<int>(gridDim.x * blockDim.x));
+}
+constexpr int kGhmcGridBlocks = kGhmcGrid / kThreads;
 
 // f(Variant<scalar_t, target_t, GHMC>) for the histogram's dtypes: int64 labels or
 // dense targets in the compute type (plan.cpp converts the rest).
@@ -1108,9 +1114,13 @@ void ghmc_weights(const int64_t* counts, const float* acc_in, float* acc_out, vo
   if (float64) {
     ghmc_weights_kernel<double><<<1, kThreads, 0, stream>>>(c, acc_in, acc_out, static_cast<double*>(table), bins,
                                                              momentum, norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ghmc_grid_kernel<double><<<kGhmcGridBlocks, kThreads, 0, stream>>>(static_cast<double*>(table), bins);
   } else {
     ghmc_weights_kernel<float><<<1, kThreads, 0, stream>>>(c, acc_in, acc_out, static_cast<float*>(table), bins,
                                                             momentum, norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ghmc_grid_kernel<float><<<kGhmcGridBlocks, kThreads, 0, stream>>>(static_cast<float*>(table), bins);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -28,9 +28,9 @@ void scale_grad(void* grad, ScalarKind kind, int64_t numel, const void* grad_out
 // caller). Never synchronises.
 void ghmc_histogram(const FocalParams& p, int device, int64_t* counts);
 
-// GHM-C's bin weights, thresholds and edges into table (3 bins + 2 values, float32
-// or float64) from the counts; with momentum > 0 the running counts acc_in -> acc_out
-// (float32, bins). One small kernel.
+// GHM-C's table (losses/ghmc.h: bin weights, thresholds, edges, the grid;
+// float32 or float64) from the counts; with momentum > 0 the running counts
+// acc_in -> acc_out (float32, bins). Two small kernels.
 void ghmc_weights(const int64_t* counts, const float* acc_in, float* acc_out, void* table, bool float64, int bins,
                   double momentum, double norm, int device);
 

@@ -26,14 +26,12 @@ void check_bins(const char* op, int64_t bins) {
   TORCH_CHECK_VALUE(bins >= 1 && bins <= kGhmcMaxBins, op, ": bins must be in [1, ", kGhmcMaxBins, "], got ", bins);
 }
 
-// The thresholds and edges (and zero weights) of a CPU table.
+// The histogram's CPU table: thresholds, edges and the grid of bin indices (no weights).
 template <class S>
-void fill_table(S* t, int bins) {
+void fill_histogram_table(S* t, int bins) {
   for (int k = 0; k < bins; ++k) t[k] = S(0);
-  for (int k = 0; k <= bins; ++k) {
-    t[bins + k] = ghmc_threshold<S>(k, bins);
-    t[2 * bins + 1 + k] = ghmc_edge<S>(k, bins);
-  }
+  ghmc_fill_bounds(t, bins, 0, 1);
+  ghmc_fill_grid<S>(t, bins, nullptr, 0, 1);
 }
 
 }  // namespace
@@ -42,12 +40,14 @@ int64_t check_ghmc_table(const char* op, const at::Tensor& input, const at::Tens
   const at::ScalarType acc = compute_dtype(input.scalar_type());
   TORCH_CHECK_TYPE(table.scalar_type() == acc, op, ": the bin table must be ", acc, " for ", input.scalar_type(),
                    " inputs, got ", table.scalar_type());
-  TORCH_CHECK_VALUE(table.dim() == 1 && table.is_contiguous() && table.numel() >= 5 && (table.numel() - 2) % 3 == 0,
-                    op, ": the bin table must be a contiguous 1-D tensor of 3 bins + 2 values, got shape ",
-                    table.sizes());
+  const int64_t fixed = ghmc_table_size(0);
+  TORCH_CHECK_VALUE(table.dim() == 1 && table.is_contiguous() && table.numel() > fixed &&
+                        (table.numel() - fixed) % 3 == 0,
+                    op, ": the bin table must be a contiguous 1-D tensor of 3 bins + ", fixed,
+                    " values (ghmc_weights' output), got shape ", table.sizes());
   TORCH_CHECK_VALUE(table.device() == input.device(), op, ": the bin table must be on ", input.device(), ", got ",
                     table.device());
-  const int64_t bins = (table.numel() - 2) / 3;
+  const int64_t bins = (table.numel() - fixed) / 3;
   check_bins(op, bins);
   return bins;
 }
@@ -67,9 +67,9 @@ at::Tensor ghmc_histogram(const at::Tensor& input, const at::Tensor& targets, co
   if (input.is_cpu()) {
     table = at::empty({ghmc_table_size(bins)}, input.options().dtype(acc));
     if (acc == at::kDouble) {
-      fill_table(table.data_ptr<double>(), static_cast<int>(bins));
+      fill_histogram_table(table.data_ptr<double>(), static_cast<int>(bins));
     } else {
-      fill_table(table.data_ptr<float>(), static_cast<int>(bins));
+      fill_histogram_table(table.data_ptr<float>(), static_cast<int>(bins));
     }
     o.table = table.data_ptr();
   }
@@ -134,12 +134,13 @@ std::tuple<at::Tensor, at::Tensor> ghmc_weights(const at::Tensor& counts, const 
     const int b = static_cast<int>(bins);
     auto fill = [&](auto* t) {
       using S = std::remove_pointer_t<decltype(t)>;
-      fill_table(t, b);
+      ghmc_fill_bounds(t, b, 0, 1);
       for (int k = 0; k < b; ++k) {
         const float a = use_acc ? acc_in.data_ptr<float>()[k] : 0.0f;
         t[k] = static_cast<S>(
             ghmc_bin_weight(cp[k], a, momentum, tot, n, norm, use_acc ? acc_out.data_ptr<float>() + k : nullptr));
       }
+      ghmc_fill_grid<S>(t, b, t, 0, 1);
     };
     if (float64) {
       fill(table.data_ptr<double>());

@@ -13,8 +13,8 @@ namespace focal {
 // thresholds and edges in shared memory: 24 KiB at this many).
 constexpr int64_t kGhmcMaxBins = 1024;
 
-// Checks GHM-C's table (1-D, contiguous, 3 bins + 2 values of the inputs'
-// compute type, on their device) and returns its bin count.
+// Checks GHM-C's table (1-D, contiguous, ghmc_table_size(bins) values of the
+// inputs' compute type, on their device) and returns its bin count.
 int64_t check_ghmc_table(const char* op, const at::Tensor& input, const at::Tensor& table);
 
 // counts[0..bins-1]: the valid elements of each bin; counts[bins]: all valid

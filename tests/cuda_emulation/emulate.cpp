@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(
   LossOptions o;
   if (table) {  // GHM-C's loss pass
     o.table = table->data_ptr();
-    o.bins = (table->numel() - 2) / 3;
+    o.bins = (table->numel() - ghmc_table_size(0)) / 3;
   }
   o.alpha = alpha;
   o.gamma = gamma;
@@ -174,11 +174,11 @@ at::Tensor emulate_ghmc_histogram(const at::Tensor& input, const at::Tensor& tar
   return counts;
 }
 
-// GHM-C's bin-weight kernel (one block). Returns (table, new running counts).
+// GHM-C's bin-weight kernel (one block) and grid kernel. Returns (table, new running counts).
 std::tuple<at::Tensor, at::Tensor> emulate_ghmc_weights(const at::Tensor& counts, const std::optional<at::Tensor>& acc,
                                                         double momentum, double norm, bool float64) {
   const int64_t bins = counts.numel() - 1;
-  at::Tensor table = at::empty({3 * bins + 2}, counts.options().dtype(float64 ? at::kDouble : at::kFloat));
+  at::Tensor table = at::empty({ghmc_table_size(bins)}, counts.options().dtype(float64 ? at::kDouble : at::kFloat));
   const bool use_acc = momentum > 0.0;
   at::Tensor acc_out = at::empty({use_acc ? bins : 0}, counts.options().dtype(at::kFloat));
   const auto* c = reinterpret_cast<const long long*>(counts.data_ptr<int64_t>());
@@ -187,9 +187,11 @@ std::tuple<at::Tensor, at::Tensor> emulate_ghmc_weights(const at::Tensor& counts
   if (float64) {
     launch(ghmc_weights_kernel<double>, 1, c, in, out, table.data_ptr<double>(), static_cast<int>(bins), momentum,
            norm);
+    launch(ghmc_grid_kernel<double>, kGhmcGridBlocks, table.data_ptr<double>(), static_cast<int>(bins));
   } else {
     launch(ghmc_weights_kernel<float>, 1, c, in, out, table.data_ptr<float>(), static_cast<int>(bins), momentum,
            norm);
+    launch(ghmc_grid_kernel<float>, kGhmcGridBlocks, table.data_ptr<float>(), static_cast<int>(bins));
   }
   return {table, acc_out};
 }
