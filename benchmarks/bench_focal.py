@@ -725,7 +725,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--cases", default="", help="only cases whose label contains this text")
+    ap.add_argument("--cases", default="",
+                    help="only cases whose label contains this text (a comma list: any of them)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--name", default=None,
                     help="the run's folder under --out (default <date>-<machine>); it gets bench.json/.md/.png")
@@ -735,7 +736,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = args.full or ((args.auto or not args.quick) and device.type == "cuda")
     preset_name = "full" if full else "quick"
-    cases = [c for c in preset(preset_name) if args.cases in c.label]
+    wanted = [w for w in args.cases.split(",") if w] or [""]
+    cases = [c for c in preset(preset_name) if any(w in c.label for w in wanted)]
     reps = args.reps or (10 if device.type == "cuda" else 7)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
     if device.type == "cpu":

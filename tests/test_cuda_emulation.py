@@ -399,16 +399,18 @@ def test_emulated_ghmc_weights_match_cpu_op(emu, momentum, norm, float64):
 @pytest.mark.parametrize("C", [3, 8, 91])
 @pytest.mark.parametrize("form", ["labels", "binary", "soft"])
 @pytest.mark.parametrize("weighted", ["none", "row"])
-def test_emulated_ghmc_loss_pass_matches_cpu_op(emu, dtype, C, form, weighted):
+@pytest.mark.parametrize("bins", [10, 30])
+def test_emulated_ghmc_loss_pass_matches_cpu_op(emu, dtype, C, form, weighted, bins):
     """GHM-C's loss pass (the family kernels with the GHMC member reading the bin table) against the
-    CPU op, elementwise and summed, through the label-rows and general kernels."""
-    g = torch.Generator().manual_seed(C * 3 + len(form))
+    CPU op, elementwise and summed, through the label-rows and general kernels; the weight by threshold
+    compares (10 bins) and from the grid (30)."""
+    g = torch.Generator().manual_seed(C * 3 + len(form) + bins)
     rows = 3000 // C + 7
-    x, t = ghmc_case(form, rows, C, dtype, g, 10)
+    x, t = ghmc_case(form, rows, C, dtype, g, bins)
     w = None
     if weighted == "row":
         w = (torch.rand(rows, 1, generator=g) < 0.8).float()
-    counts = torch.ops.focal_cuda.ghmc_histogram(x, t, w, 10, -1)
+    counts = torch.ops.focal_cuda.ghmc_histogram(x, t, w, bins, -1)
     table, _ = torch.ops.focal_cuda.ghmc_weights(counts, None, 0.0, 1.0, False)
     ref_loss, ref_grad = torch.ops.focal_cuda.ghmc_loss_fwd(x, t, None, w, None, 1.0, 0, -1, True, 0.0, False, table)
     for grid in (1, 3):

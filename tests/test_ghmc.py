@@ -225,13 +225,15 @@ def _on_thresholds(bins, rows, C, g):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["labels", "binary"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "weighted"])
-def test_loss_pass_uses_the_histograms_bins(device, form, layout):
+@pytest.mark.parametrize("bins", [10, 30, 100])
+def test_loss_pass_uses_the_histograms_bins(device, form, layout, bins):
     """Logits exactly on the bin thresholds, where a different rounding of the sigmoid would move them:
     every element's weight (loss / BCE, from reduction='none') is the weight of the bin the histogram
     counted it in, so the number of elements carrying each weight equals that weight's bins' counts.
-    Vector, padded and scalar paths alike (C = 13, strided logits, weights)."""
-    g = torch.Generator().manual_seed(len(form) * 3 + len(layout))
-    bins, C = 10, 13
+    Vector, padded and scalar paths alike (C = 13, strided logits, weights); the loss pass's threshold
+    compares (10 bins) and grid (30, 100), the histogram's threshold counts (10, 30) and grid (100)."""
+    g = torch.Generator().manual_seed(len(form) * 3 + len(layout) + bins)
+    C = 13
     x = _on_thresholds(bins, 600, C, g)
     if form == "labels":
         t = torch.randint(0, C + 1, (600,), generator=g)

@@ -52,6 +52,7 @@ FOCAL_HD S ghmc_threshold(int k, int bins) {
 
 // Table layout (see above).
 constexpr int kGhmcGrid = 4096;
+constexpr int kGhmcSelectBins = 16;  // up to this many bins the loss pass compares with every threshold
 constexpr int64_t ghmc_table_size(int64_t bins) { return 3 * bins + 4 + kGhmcGrid; }
 constexpr int64_t ghmc_thresholds_at(int64_t bins) { return bins; }
 constexpr int64_t ghmc_edges_at(int64_t bins) { return 2 * bins + 1; }
@@ -197,11 +198,18 @@ struct GHMC {
             t[ghmc_grid_origin_at(b) + 1]};
   }
 
-  // A binary-target element's weight: the grid's, or the exact search's where a threshold crosses
-  // the element's cell.
+  // A binary-target element's weight. Up to kGhmcSelectBins bins: x' against every threshold, the
+  // weight of the last one it reaches (no table lookup: on the CPU a vector gather costs more than
+  // these compares). More bins: the grid's, or the exact search's where a threshold crosses the
+  // element's cell. Both give max{k : t_k <= x'}, the histogram's bin.
   template <class T>
   FOCAL_HD T weight_logit(T xp, T g_estimate) const {
     using O = MathOps<T>;
+    if (bins <= kGhmcSelectBins) {
+      T w(weights[0]);
+      for (int k = 1; k < bins; ++k) w = O::select(O::ge(xp, T(thresholds[k])), T(weights[k]), w);
+      return w;  // (a NaN x' reaches no threshold: bin 0's weight, and a NaN loss)
+    }
     const T top(S(kGhmcGrid - 1));
     const T c = (xp - T(origin)) * T(per_unit);
     const T w = O::gather(grid, O::select(O::lt(c, top), O::max(c, T(S(0))), top));  // (gather truncates)
