@@ -20,7 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where a GPU is present the kernels themselves run (test_cuda.py and every device-parametrised
 # test); the emulation is for the machines without one (CI), and its JIT build would need the GPU
 # machine's compiler workarounds (see setup.py's libstdc++ note).
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested"),
+              # under pytest-xdist (`--dist loadgroup`) each build's tests stay on one worker, so that every
+              # build compiles once and the builds compile side by side
+              pytest.mark.xdist_group("emulation")]
 
 
 def build_emulation(name: str, defines=()):
@@ -59,7 +62,8 @@ KNOB_BUILDS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(KNOB_BUILDS))
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.xdist_group("emulation-" + k))
+                                        for k in KNOB_BUILDS])
 def emu_knobs(request):
     return request.param, build_emulation("focal_cuda_emulation_" + request.param.replace("-", "_"),
                                           KNOB_BUILDS[request.param])
