@@ -41,7 +41,7 @@ build: $(STAMP)
 
 # The CUDA emulation's three builds compile side by side on pytest-xdist workers (one per core, at most
 # 3). The rest of the suite runs in one process: its tests use torch's threads, and two workers on
-# 2 cores measured slower than one (431 s against about 260 s).
+# 2 cores measured slower than one (431 s against 277 s).
 WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 3 ? 3 : n )))
 XDIST := -n $(WORKERS) --dist loadgroup
 ASAN_LIB := $(shell gcc -print-file-name=libasan.so 2>/dev/null)
