@@ -55,14 +55,12 @@ test: build
 	else echo "a GPU is present: the CUDA kernels themselves were tested, the emulation is not run"; fi
 
 # The CUDA kernels emulated on the CPU under AddressSanitizer: any out-of-bounds access aborts.
-test-emulation-asan: build
 ifneq ($(filter /%,$(ASAN_LIB)),)
-	FOCAL_EMULATION_ASAN=1 LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0 \
-		$(PY) -m pytest tests/test_cuda_emulation.py -q $(XDIST)
-else
-	@echo "test-emulation-asan: gcc has no libasan; the emulation runs without AddressSanitizer"
-	$(PY) -m pytest tests/test_cuda_emulation.py -q $(XDIST)
+ASAN_ENV := FOCAL_EMULATION_ASAN=1 LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0
 endif
+test-emulation-asan: build
+	$(if $(ASAN_ENV),,@echo "test-emulation-asan: gcc has no libasan; the emulation runs without AddressSanitizer")
+	$(ASAN_ENV) $(PY) -m pytest tests/test_cuda_emulation.py -q $(XDIST)
 
 # torch before 2.12 builds extensions as C++17: a C++20-only construct must fail here, not there.
 check-old-torch: $(VENV)/.deps
