@@ -4,6 +4,8 @@ accumulate in float32 at least; float32 targets with reduced-precision logits (A
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -244,3 +246,81 @@ def test_float16_sum_overflows_outside_autocast(device):
     with torch.autocast(device, dtype=torch.float16):
         loss32 = focal_cuda.sigmoid_focal_loss(x, labels, reduction="sum")
     assert loss32.dtype == torch.float32 and torch.isfinite(loss32)
+
+
+# ----------------------------------------------------------------------------- 16-bit staging
+# On the CPU, float16 and bfloat16 logits run the float32 kernel on blocks staged through float32
+# buffers (csrc/cpu/focal_cpu_kernel.h). The promise that makes that right: every value is the
+# float32 math on the upcast logits, rounded once. So the raw op's elementwise loss and gradient for
+# 16-bit logits must equal, bit for bit, the float32 op's on the same values rounded to the dtype,
+# across block (3072 elements) and chunk (16384) boundaries, on every layout the kernel takes.
+
+_STAGE_MEMBERS = {  # op, options in schema order
+    "focal": ("sigmoid_focal_loss_fwd", (0.25, 2.0, 0.0)),
+    "focal_gamma1.5_smoothing": ("sigmoid_focal_loss_fwd", (-1.0, 1.5, 0.1)),
+    "quality_focal": ("quality_focal_loss_fwd", (2.0,)),
+    "varifocal": ("varifocal_loss_fwd", (0.75, 2.0, True, False)),
+    "focal_star": ("sigmoid_focal_loss_star_fwd", (0.25, 2.0, 1.0)),
+    "iou_aware_bce": ("iou_aware_bce_loss_fwd", (0.25, 2.0)),
+}
+
+
+def _staging_case(form, layout, C, dtype, g):
+    N, A = 2, 901  # 2 * 901 * C elements: many blocks and more than one chunk, rows crossing both
+    base = torch.randn(A, N, 2 * C, generator=g) * 4
+    base[0, 0, :4] = torch.tensor([1e4, -1e4, float("inf"), float("-inf")])
+    x = base.to(dtype)
+    x = x[..., ::2] if layout == "cols" else x[..., :C]  # strided columns, or strided rows
+    x = x.transpose(0, 1) if layout in ("rows", "cols") else x.transpose(0, 1).contiguous()
+    labels = torch.randint(-1, C + 1, (N, A), generator=g)
+    scores = None
+    if form == "dense":
+        t = torch.where(torch.rand(N, A, C, generator=g) < 0.8, 0.0, torch.rand(N, A, C, generator=g))
+        t16 = t.to(dtype)
+        targets = t16 if layout == "contiguous" else t16.transpose(0, 1).contiguous().transpose(0, 1)
+    else:
+        targets = labels
+        if form == "scores":
+            scores = torch.rand(N, A, generator=g)
+    weight = torch.rand(N, A, 1, generator=g).expand(N, A, C) if layout == "weighted" else None
+    return x, targets, scores, weight
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("member", sorted(_STAGE_MEMBERS))
+@pytest.mark.parametrize("form", ["labels", "scores", "dense"])
+@pytest.mark.parametrize("layout", ["contiguous", "rows", "cols", "weighted"])
+@pytest.mark.parametrize("C", [13, 91])
+def test_cpu_16bit_is_float32_math_rounded_once(cpu_kernel, dtype, member, form, layout, C):
+    g = torch.Generator().manual_seed(zlib.crc32(f"{member} {form} {layout} {C}".encode()))
+    x, targets, scores, weight = _staging_case(form, layout, C, dtype, g)
+    name, options = _STAGE_MEMBERS[member]
+    op = focal_cuda.ops.FWD[name]
+
+    def run(logits, tgt):
+        # reduction none, a scale, the gradient: loss = l * scale, grad = dl/dx * weight * scale
+        return op(logits, tgt, scores, weight, None, 0.75, 0, -1, True, 0.0, False, *options)
+
+    loss16, grad16 = run(x, targets)
+    t32 = targets.float() if targets.dtype.is_floating_point else targets
+    loss32, grad32 = run(x.float(), t32)
+    assert loss16.dtype == dtype and grad16.dtype == dtype
+    exact = dict(rtol=0.0, atol=0.0, equal_nan=True)
+    torch.testing.assert_close(loss16, loss32.to(dtype), **exact, msg="loss: not float32's rounded once")
+    torch.testing.assert_close(grad16, grad32.to(dtype), **exact, msg="gradient: not float32's rounded once")
+    # the reduced loss: float32 math, summed in float64 per block (block boundaries round differently)
+    s16 = op(x, targets, scores, weight, None, 1.0, 1, -1, False, 0.0, True, *options)[0]
+    s32 = op(x.float(), t32, scores, weight, None, 1.0, 1, -1, False, 0.0, True, *options)[0]
+    torch.testing.assert_close(s16, s32, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("bins", [10, 100])
+@pytest.mark.parametrize("layout", ["contiguous", "rows", "cols"])
+def test_cpu_16bit_ghmc_histogram_is_float32s(cpu_kernel, dtype, bins, layout):
+    g = torch.Generator().manual_seed(bins)
+    x, labels, _, _ = _staging_case("labels", layout, 91, dtype, g)
+    counts16 = torch.ops.focal_cuda.ghmc_histogram(x, labels, None, bins, -1)
+    counts32 = torch.ops.focal_cuda.ghmc_histogram(x.float(), labels, None, bins, -1)
+    assert counts16.sum() > 0
+    assert torch.equal(counts16, counts32)

@@ -126,16 +126,19 @@ FOCAL_HD void row_offsets(const FocalParams& p, int64_t r, int64_t& ox, int64_t&
   }
 }
 
-// Offset (in elements) of row r's score.
-FOCAL_HD int64_t score_offset(const FocalParams& p, int64_t r) {
-  int64_t o = 0;
+// Offset (in elements) of row r in operand o.
+FOCAL_HD int64_t row_offset(const FocalParams& p, const Operand& o, int64_t r) {
+  int64_t off = 0;
   for (int d = p.ndim - 1; d >= 0; --d) {
     const int64_t size = p.row_sizes[d];
     const int64_t i = (d == 0) ? r : r % size;
     r = (d == 0) ? 0 : r / size;
-    o += i * p.scores.row_strides[d];
+    off += i * o.row_strides[d];
   }
-  return o;
+  return off;
 }
+
+// Offset (in elements) of row r's score.
+FOCAL_HD int64_t score_offset(const FocalParams& p, int64_t r) { return row_offset(p, p.scores, r); }
 
 }  // namespace focal

@@ -847,40 +847,124 @@ double focal_range(const FocalParams& p, const L& fn, int64_t begin, int64_t end
   return ssum;
 }
 
+// ------------------------------------------------------------------ 16-bit logits
+// float16 and bfloat16 logits run the float32 instantiations: kStageElems
+// elements at a time, the logits (and 16-bit dense targets) are converted into
+// float32 buffers laid out like the element grid, the float32 kernel runs on
+// them, and its gradient (and elementwise loss) is converted back. The math is
+// in float32 either way and every conversion rounds once, so the values are
+// those a 16-bit instantiation of the kernel computes; the build has no 16-bit
+// copy of the kernels (half of the CPU compile time went into them). The
+// conversions run on L1-resident blocks: a few percent of the element's cost.
+constexpr int64_t kStageElems = 3072;  // a multiple of the flat paths' group of vectors
+
+// operand o's elements [b, e) of the grid, in storage type scalar_t, into dst[0, e - b) as float32
+template <class scalar_t>
+void stage_in(const FocalParams& p, const Operand& o, int64_t b, int64_t e, float* dst) {
+  const scalar_t* src = static_cast<const scalar_t*>(o.data);
+  for (int64_t i = b; i < e;) {  // one row segment [c0, c1) of row r per step
+    int64_t off, stride, n;
+    if (p.contiguous) {  // the grid is the tensor's layout
+      off = i, stride = 1, n = e - i;
+    } else {
+      const int64_t r = i / p.cols, c0 = i - r * p.cols;
+      n = std::min<int64_t>(p.cols - c0, e - i);
+      off = row_offset(p, o, r) + c0 * o.col_stride, stride = o.col_stride;
+    }
+    float* out = dst + (i - b);
+    int64_t j = 0;
+    if (stride == 1) {
+      for (; j + kLanes <= n; j += kLanes) load_float(src + off + j).store(out + j);
+    }
+    for (; j < n; ++j) out[j] = static_cast<float>(src[off + j * stride]);
+    i += n;
+  }
+}
+
+// src[0, n) into dst[0, n), rounded to scalar_t
+template <class scalar_t>
+void stage_out(const float* src, scalar_t* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) store_float(dst + j, Vec::loadu(src + j));
+  for (; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+// A float32 buffer that holds grid elements [b, b + kStageElems) as the
+// address of element 0 (the kernels index operands by grid position).
+inline void* grid_base(float* buf, int64_t b) {
+  return reinterpret_cast<void*>(reinterpret_cast<std::uintptr_t>(buf) - static_cast<std::uintptr_t>(b) * sizeof(float));
+}
+
+// p with the logits (and 16-bit dense targets) described as float32 buffers
+// laid out like the grid; the data pointers are set per block.
+inline FocalParams staged_params(const FocalParams& p, bool stage_targets) {
+  FocalParams q = p;
+  auto grid_layout = [&](Operand& o) {
+    o.kind = ScalarKind::Float32;
+    o.col_stride = 1;
+    int64_t stride = p.cols;
+    for (int d = p.ndim - 1; d >= 0; --d) {
+      o.row_strides[d] = stride;
+      stride *= p.row_sizes[d];
+    }
+  };
+  grid_layout(q.input);
+  if (stage_targets) grid_layout(q.target);
+  return q;
+}
+
+// run(q, b, e) per block; with_outputs: converts the gradient (and the
+// elementwise loss) the kernel wrote back into the outputs.
+template <class scalar_t, class Run>
+void staged_blocks(const FocalParams& p, int64_t begin, int64_t end, bool with_outputs, Run&& run) {
+  alignas(64) float xb[kStageElems], tb[kStageElems], gb[kStageElems], lb[kStageElems];
+  const bool stage_targets = !p.labels && p.target.kind != ScalarKind::Float32;  // (else float32, read in place)
+  FocalParams q = staged_params(p, stage_targets);
+  scalar_t* grad = with_outputs ? static_cast<scalar_t*>(p.grad) : nullptr;
+  scalar_t* loss = with_outputs && p.reduction == Reduction::None ? static_cast<scalar_t*>(p.loss) : nullptr;
+  for (int64_t b = begin; b < end; b += kStageElems) {
+    const int64_t e = std::min(end, b + kStageElems);
+    stage_in<scalar_t>(p, p.input, b, e, xb);
+    q.input.data = grid_base(xb, b);
+    if (stage_targets) {
+      stage_in<scalar_t>(p, p.target, b, e, tb);
+      q.target.data = grid_base(tb, b);
+    }
+    q.grad = grad ? grid_base(gb, b) : nullptr;
+    q.loss = loss ? grid_base(lb, b) : nullptr;
+    run(q, b, e);
+    if (grad) stage_out(gb, grad + b, e - b);
+    if (loss) stage_out(lb, loss + b, e - b);
+  }
+}
+
 // Entry point with the same signature in every capability namespace: picks the
-// instantiation for the storage dtype, the target dtype and the member (and, for
-// the focal loss, its gamma class).
+// instantiation for the member (and, for the focal loss, its gamma class), in
+// float32 or float64; 16-bit logits are staged through float32.
 inline double focal_range_dispatch(const FocalParams& p, int64_t begin, int64_t end) {
-  auto by_loss = [&](auto scalar_tag) -> double {
-    using S = decltype(scalar_tag);
-    using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    return with_loss<acc_t>(p, [&](const auto& fn) -> double {
-      using L = std::decay_t<decltype(fn)>;
-      if constexpr (is_focal<L>::value) {
-        if (p.labels || p.target.kind != ScalarKind::Float32 || std::is_same_v<S, float>) {
-          // labels are read through read_label; dense targets share the input's dtype
-          return focal_range<S, S, L>(p, fn, begin, end);
-        }
-        return focal_range<S, float, L>(p, fn, begin, end);  // reduced-precision logits with float32 targets
-      } else {
-        return focal_range<S, acc_t, L>(p, fn, begin, end);  // dense targets arrive in the compute type
-      }
+  auto run = [](auto acc_tag, const FocalParams& q, int64_t b, int64_t e) -> double {
+    using acc_t = decltype(acc_tag);  // storage = compute type; dense targets arrive in it
+    return with_loss<acc_t>(q, [&](const auto& fn) -> double {
+      return focal_range<acc_t, acc_t, std::decay_t<decltype(fn)>>(q, fn, b, e);
     });
   };
+  double sum = 0.0;
+  auto staged = [&](const FocalParams& q, int64_t b, int64_t e) { sum += run(float{}, q, b, e); };
   switch (p.input.kind) {
-    case ScalarKind::Float16:
-      return by_loss(c10::Half{});
-    case ScalarKind::BFloat16:
-      return by_loss(c10::BFloat16{});
     case ScalarKind::Float32:
-      return by_loss(float{});
+      return run(float{}, p, begin, end);
     case ScalarKind::Float64:
-      return by_loss(double{});
+      return run(double{}, p, begin, end);
+    case ScalarKind::Float16:
+      staged_blocks<c10::Half>(p, begin, end, true, staged);
+      return sum;
+    case ScalarKind::BFloat16:
+      staged_blocks<c10::BFloat16>(p, begin, end, true, staged);
+      return sum;
     default:
       return 0.0;  // rejected by the op layer
   }
 }
-
 
 // ------------------------------------------------------------------ GHM-C histogram
 // GHM-C's first pass (losses/ghmc.h): over elements [begin, end), adds the valid
@@ -1129,13 +1213,15 @@ void ghmc_hist_range_t(const FocalParams& p, int64_t begin, int64_t end, int64_t
   cnt.finish();
 }
 
-// Entry point with the same signature in every capability namespace.
+// Entry point with the same signature in every capability namespace (16-bit
+// logits staged through float32, as for the loss pass).
 inline void ghmc_hist_dispatch(const FocalParams& p, int64_t begin, int64_t end, int64_t* counts) {
+  auto staged = [&](const FocalParams& q, int64_t b, int64_t e) { ghmc_hist_range_t<float>(q, b, e, counts); };
   switch (p.input.kind) {
     case ScalarKind::Float16:
-      return ghmc_hist_range_t<c10::Half>(p, begin, end, counts);
+      return staged_blocks<c10::Half>(p, begin, end, false, staged);
     case ScalarKind::BFloat16:
-      return ghmc_hist_range_t<c10::BFloat16>(p, begin, end, counts);
+      return staged_blocks<c10::BFloat16>(p, begin, end, false, staged);
     case ScalarKind::Float32:
       return ghmc_hist_range_t<float>(p, begin, end, counts);
     case ScalarKind::Float64:
