@@ -39,13 +39,6 @@ $(STAMP): $(VENV)/.deps $(SOURCES)
 
 build: $(STAMP)
 
-# The CUDA emulation's three builds compile side by side on pytest-xdist workers (one per core, at most
-# 3). The rest of the suite runs in one process: its tests use torch's threads, and two workers on
-# 2 cores measured slower than one (431 s against 277 s).
-WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 3 ? 3 : n )))
-XDIST := -n $(WORKERS) --dist loadgroup
-ASAN_LIB := $(shell gcc -print-file-name=libasan.so 2>/dev/null)
-
 # Everything but the CUDA emulation, then the emulation under AddressSanitizer (the same tests, with
 # every out-of-bounds access fatal; plain where gcc has no libasan). Without a GPU only.
 test: build
@@ -55,12 +48,15 @@ test: build
 	else echo "a GPU is present: the CUDA kernels themselves were tested, the emulation is not run"; fi
 
 # The CUDA kernels emulated on the CPU under AddressSanitizer: any out-of-bounds access aborts.
+ASAN_LIB := $(shell gcc -print-file-name=libasan.so 2>/dev/null)
 ifneq ($(filter /%,$(ASAN_LIB)),)
 ASAN_ENV := FOCAL_EMULATION_ASAN=1 LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0
 endif
+# Its three builds (default knobs, two other knob sets) compile side by side first, then the tests load them.
 test-emulation-asan: build
 	$(if $(ASAN_ENV),,@echo "test-emulation-asan: gcc has no libasan; the emulation runs without AddressSanitizer")
-	$(ASAN_ENV) $(PY) -m pytest tests/test_cuda_emulation.py -q $(XDIST)
+	$(ASAN_ENV) $(PY) tests/cuda_emulation/build.py
+	$(ASAN_ENV) $(PY) -m pytest tests/test_cuda_emulation.py -q
 
 # torch before 2.12 builds extensions as C++17: a C++20-only construct must fail here, not there.
 check-old-torch: $(VENV)/.deps

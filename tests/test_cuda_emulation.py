@@ -8,65 +8,26 @@ focal_math.h's host math, so it proves indexing and control flow, not the device
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import focal_cuda
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cuda_emulation.build import KNOB_BUILDS, build_emulation
 
 # Where a GPU is present the kernels themselves run (test_cuda.py and every device-parametrised
 # test); the emulation is for the machines without one (CI), and its JIT build would need the GPU
 # machine's compiler workarounds (see setup.py's libstdc++ note).
-pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested"),
-              # under pytest-xdist (`--dist loadgroup`) each build's tests stay on one worker, so that every
-              # build compiles once and the builds compile side by side
-              pytest.mark.xdist_group("emulation")]
-
-
-def build_emulation(name: str, defines=()):
-    from torch.utils import cpp_extension
-
-    # FOCAL_EMULATION_ASAN=1 (`make test-emulation-asan`): built with AddressSanitizer, so that a
-    # kernel's read or write outside the tensors aborts the run with a report
-    asan = os.environ.get("FOCAL_EMULATION_ASAN") == "1"
-    flags = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
-    name = name + ("_asan" if asan else "")
-    build = os.path.join(ROOT, "build", name)
-    os.makedirs(build, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emulate.cpp"),
-                 os.path.join(ROOT, "csrc", "ops", "plan.cpp"), os.path.join(ROOT, "csrc", "cpu", "grad_cache.cpp")],
-        extra_cflags=["-O1", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *flags,
-                      *(f"-D{d}" for d in defines)],
-        extra_ldflags=flags,
-        build_directory=build,
-        verbose=False,
-    )
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real kernels are tested")
 
 
 @pytest.fixture(scope="module")
 def emu():
-    return build_emulation("focal_cuda_emulation")
+    return build_emulation()
 
 
-# Builds with tuning knobs (csrc/cuda/tuning.h) other than the defaults: other packs per step
-# through both kernels, and the label-rows kernel switched off.
-KNOB_BUILDS = {
-    "packs": ("FOCAL_CUDA_PACKS_F32=1", "FOCAL_CUDA_PACKS_F16=2", "FOCAL_CUDA_ROW_PACKS_F32=3",
-              "FOCAL_CUDA_ROW_PACKS_F16=2"),
-    "label-rows-off": ("FOCAL_CUDA_LABEL_ROWS=0",),
-}
-
-
-@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.xdist_group("emulation-" + k))
-                                        for k in KNOB_BUILDS])
+@pytest.fixture(scope="module", params=list(KNOB_BUILDS))
 def emu_knobs(request):
-    return request.param, build_emulation("focal_cuda_emulation_" + request.param.replace("-", "_"),
-                                          KNOB_BUILDS[request.param])
+    return request.param, build_emulation(request.param)
 
 
 def emu_forward(emu, x, t, w=None, alpha=0.25, gamma=2.0, ignore_index=-1, total=False, want_grad=True, scale=1.0,
@@ -79,11 +40,13 @@ def emu_forward(emu, x, t, w=None, alpha=0.25, gamma=2.0, ignore_index=-1, total
 PACK = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 
 
-def expected_kernel(dtype, C, labels, weighted, aligned=True, label_rows=True):
+def expected_kernel(dtype, C, labels, weighted, aligned=True, label_rows=True, focal=True):
+    """The kernel a launch must choose. focal: the plain focal loss, whose label-rows kernels come with
+    and without a row weight; the other members have only the ones that read a row weight (or 1)."""
     if not label_rows or not labels or weighted in ("class", "element") or not aligned or C < PACK[dtype]:
         return "general"
     name = "label_rows" if C % PACK[dtype] == 0 else "label_rows_cross"
-    return name + "_w" if weighted == "row" else name
+    return name + "_w" if weighted == "row" or not focal else name
 
 
 def make_weight(weighted, rows, C, g):
@@ -320,7 +283,7 @@ def test_emulated_members_match_cpu_op(emu, dtype, C, form, weighted, member):
     ref_loss, ref_grad = member_cpu(call, x, t, w)
     for grid in (1, 3):
         loss, grad, chosen = emu_forward(emu, x, labels, w, grid=grid, scores=scores, **options)
-        assert chosen == expected_kernel(dtype, C, form != "dense", weighted)
+        assert chosen == expected_kernel(dtype, C, form != "dense", weighted, focal=member == "focal_with_scores")
         torch.testing.assert_close(loss.double(), ref_loss.double(), **member_close(dtype, ref_loss))
         torch.testing.assert_close(grad.double(), ref_grad.double(), **member_close(dtype, ref_grad))
         total, _, _ = emu_forward(emu, x, labels, w, total=True, want_grad=False, grid=grid, scores=scores, **options)
@@ -419,7 +382,7 @@ def test_emulated_ghmc_loss_pass_matches_cpu_op(emu, dtype, C, form, weighted, b
     ref_loss, ref_grad = torch.ops.focal_cuda.ghmc_loss_fwd(x, t, None, w, None, 1.0, 0, -1, True, 0.0, False, table)
     for grid in (1, 3):
         loss, grad, chosen = emu_forward(emu, x, t, w, grid=grid, loss_kind=6, table=table)
-        assert chosen == expected_kernel(dtype, C, form == "labels", weighted)
+        assert chosen == expected_kernel(dtype, C, form == "labels", weighted, focal=False)
         torch.testing.assert_close(loss.double(), ref_loss.double(), **member_close(dtype, ref_loss[torch.isfinite(ref_loss)]),
                                    equal_nan=True)
         torch.testing.assert_close(grad.double(), ref_grad.double(), **member_close(dtype, ref_grad), equal_nan=True)

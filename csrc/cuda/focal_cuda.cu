@@ -199,44 +199,31 @@ __device__ __forceinline__ void advance(int64_t& r, int64_t& c, int64_t dr, int6
 }
 
 // Loss and gradient of one pack of kVec elements starting at (r, c), weight
-// applied (not the normaliser). kOneRow: the pack lies in one row (C is a
-// multiple of the pack), so the row's label is read once and the positive
-// column is found by one comparison per element against a constant.
-template <bool kHasWeight, bool kOneRow, int kVec, class L, class scalar_t, class target_t, class acc_t>
+// applied (not the normaliser); kHasWeight: p.weight may be set (a null one
+// reads as 1). A label row's label is read once per row the pack touches.
+template <bool kHasWeight, int kVec, class L, class scalar_t, class target_t, class acc_t>
 __device__ __forceinline__ void compute_pack(const FocalParams& p, const L& fn, const Pack<scalar_t, kVec>& xv,
                                              const Pack<target_t, std::is_integral_v<target_t> ? 1 : kVec>& tv,
                                              const target_t* __restrict__ t, int64_t r, int64_t c, int64_t w_rs,
                                              int64_t w_cs, acc_t (&l)[kVec], acc_t (&g)[kVec]) {
   constexpr bool kLabels = std::is_integral_v<target_t>;
   const acc_t* __restrict__ wd = static_cast<const acc_t*>(p.weight.data);
-  if constexpr (kLabels && kOneRow) {
-    const LabelRow<acc_t> row = label_row<acc_t>(p, tv.v[0]);
-    const int64_t rel64 = row.cls - c;  // the positive column's place in this pack, if it is in it
-    const int rel = rel64 >= 0 && rel64 < kVec ? static_cast<int>(rel64) : -1;
-    const int64_t w0 = r * w_rs + c * w_cs;
+  [[maybe_unused]] LabelRow<acc_t> row;
+  if constexpr (kLabels) row = label_row<acc_t>(p, tv.v[0]);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const acc_t w = kHasWeight ? wd[w0 + j * w_cs] : acc_t(1);
-      label_element<kHasWeight>(p, fn, pack_element<acc_t>(xv, j), j == rel, row, r, w, l[j], g[j]);
+  for (int j = 0; j < kVec; ++j) {
+    if (c == p.cols) {  // the pack runs into the next row (C need not divide the pack)
+      c = 0;
+      ++r;
+      if constexpr (kLabels) row = label_row<acc_t>(p, t[r]);
     }
-  } else {
-    [[maybe_unused]] LabelRow<acc_t> row;
-    if constexpr (kLabels) row = label_row<acc_t>(p, tv.v[0]);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      if (c == p.cols) {  // the pack runs into the next row (C need not divide the pack)
-        c = 0;
-        ++r;
-        if constexpr (kLabels) row = label_row<acc_t>(p, t[r]);
-      }
-      const acc_t w = kHasWeight ? wd[r * w_rs + c * w_cs] : acc_t(1);
-      if constexpr (kLabels) {
-        label_element<kHasWeight>(p, fn, pack_element<acc_t>(xv, j), c == row.cls, row, r, w, l[j], g[j]);
-      } else {
-        element(p, fn, pack_element<acc_t>(xv, j), tv.v[j], r, c, w, l[j], g[j]);
-      }
-      ++c;
+    const acc_t w = kHasWeight && wd != nullptr ? wd[r * w_rs + c * w_cs] : acc_t(1);
+    if constexpr (kLabels) {
+      label_element<kHasWeight>(p, fn, pack_element<acc_t>(xv, j), c == row.cls, row, r, w, l[j], g[j]);
+    } else {
+      element(p, fn, pack_element<acc_t>(xv, j), tv.v[j], r, c, w, l[j], g[j]);
     }
+    ++c;
   }
 }
 
@@ -262,7 +249,7 @@ __device__ __forceinline__ void store_outputs(scalar_t* __restrict__ grad, scala
 // The vector path of the general kernel: kUnroll 16-byte packs per thread per
 // step of the grid-stride loop, their loads all issued before the first is
 // used (more bytes in flight); a thread's (row, col) advances without division.
-template <bool kHasWeight, bool kOneRow, int kUnroll, class scalar_t, class target_t, class L, class acc_t>
+template <bool kHasWeight, int kUnroll, class scalar_t, class target_t, class L, class acc_t>
 __device__ __forceinline__ double vector_loop(const FocalParams& p, const L& fn, int64_t npacks, int64_t tid,
                                               int64_t step, acc_t factor, acc_t gfactor) {
   constexpr bool kLabels = std::is_integral_v<target_t>;
@@ -308,7 +295,7 @@ __device__ __forceinline__ double vector_loop(const FocalParams& p, const L& fn,
     for (int u = 0; u < kUnroll; ++u) {
       if (v + u * step >= npacks) break;
       acc_t l[kVec], g[kVec];
-      compute_pack<kHasWeight, kOneRow>(p, fn, xv[u], tv[u], t, rr[u], cc[u], w_rs, w_cs, l, g);
+      compute_pack<kHasWeight>(p, fn, xv[u], tv[u], t, rr[u], cc[u], w_rs, w_cs, l, g);
       acc_t pack_sum = l[0];  // (0 + l[0] would be an addition: -0.0)
 #pragma unroll
       for (int j = 1; j < kVec; ++j) pack_sum += l[j];
@@ -390,15 +377,15 @@ __global__ void __launch_bounds__(kThreads)
       constexpr int kVec = 16 / sizeof(scalar_t);
       const int64_t npacks = n / kVec;
       vector_end = npacks * kVec;
-      const bool has_weight = p.weight.data != nullptr;
-      // (Unweighted labels with C a multiple of the pack run in the label-rows kernel.)
-      const bool one_row = kLabels && cols % kVec == 0;
-      if (one_row && has_weight) {
-        sum = vector_loop<true, kLabels, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
-      } else if (!has_weight) {
-        sum = vector_loop<false, false, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
+      // Labels: one vector loop for every weight (weighted labels, and unweighted ones with C below
+      // the pack or misaligned: the label-rows kernel takes the rest). Dense targets: without a
+      // weight (the common case) its own loop.
+      if constexpr (kLabels) {
+        sum = vector_loop<true, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
+      } else if (p.weight.data != nullptr) {
+        sum = vector_loop<true, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
       } else {
-        sum = vector_loop<true, false, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
+        sum = vector_loop<false, kUnroll, scalar_t, target_t>(p, fn, npacks, tid, step, f.loss, f.grad);
       }
     }
   }
@@ -462,7 +449,7 @@ struct RowCursor {
 // moving it past them. kCross (C not a multiple of the pack): a pack that runs
 // into the next row (C >= kVec: into one row at most) also loads that row's
 // label; the row exists, as the pack lies inside the tensor. kRowWeight: each
-// row's weight too, at wd[r * w_rs].
+// row's weight too, at wd[r * w_rs] (1 where wd is null).
 template <bool kCross, bool kRowWeight, class scalar_t, class target_t, int kUnroll, class acc_t>
 __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnroll>& s, const scalar_t* __restrict__ x,
                                               const target_t* __restrict__ t, const acc_t* __restrict__ wd,
@@ -475,10 +462,10 @@ __device__ __forceinline__ void load_row_step(RowStep<scalar_t, target_t, kUnrol
     if (at.v < npacks) {
       s.x[u] = load_pack<scalar_t, kVec>(x + at.v * kVec);
       s.label[u] = t[at.r];
-      if (kRowWeight) s.w[u] = wd[at.r * w_rs];
+      if (kRowWeight) s.w[u] = wd != nullptr ? wd[at.r * w_rs] : acc_t(1);
       if (kCross && at.c + kVec > cols) {
         s.next_label[u] = t[at.r + 1];
-        if (kRowWeight) s.next_w[u] = wd[(at.r + 1) * w_rs];
+        if (kRowWeight) s.next_w[u] = wd != nullptr ? wd[(at.r + 1) * w_rs] : acc_t(1);
       }
     }
     at.next(step, dr, dc, cols);
@@ -638,7 +625,8 @@ __global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRo
   for (int64_t i = npacks * kVec + tid; kCross && i < n; i += step) {  // fewer than kVec elements
     const int64_t r = i / cols;
     acc_t l, g;
-    element(p, fn, static_cast<acc_t>(x[i]), t[r], r, i - r * cols, kRowWeight ? wd[r * w_rs] : acc_t(1), l, g);
+    const acc_t w = kRowWeight && wd != nullptr ? wd[r * w_rs] : acc_t(1);
+    element(p, fn, static_cast<acc_t>(x[i]), t[r], r, i - r * cols, w, l, g);
     sum += static_cast<double>(l);
     if (grad != nullptr) grad[i] = static_cast<scalar_t>(g * f.grad);
     if (loss != nullptr) loss[i] = static_cast<scalar_t>(l * f.loss);
@@ -751,28 +739,18 @@ struct Variant {
 // Function templates rather than nested generic lambdas (nvcc's front end
 // mistakes a type taken from an outer lambda's parameter for a reference in the
 // inner one), and no explicit lambda template parameters (C++20: torch before
-// 2.12 builds extensions as C++17). The focal loss is built for int32 and int64
-// labels and for 16-bit dense targets beside float32; the other members for int64
-// labels and dense targets in the compute type (plan.cpp converts the rest).
+// 2.12 builds extensions as C++17). Labels are int64 (plan.cpp converts int32
+// ones: they are 1/C of the logits); dense targets are in the compute type,
+// except that the focal loss also reads 16-bit dense targets with 16-bit
+// logits in their own dtype (the op converts everything else).
 template <class scalar_t, class L, class F>
 void dispatch_target(const FocalParams& p, const L& fn, F& f) {
   using acc_t = acc_type<scalar_t>;
-  if (p.labels) {
-    if constexpr (is_focal<L>::value) {
-      if (p.target.kind == ScalarKind::Int32) return f(Variant<scalar_t, int32_t, L>{}, fn);
-    }
-    return f(Variant<scalar_t, int64_t, L>{}, fn);
+  if (p.labels) return f(Variant<scalar_t, int64_t, L>{}, fn);
+  if constexpr (is_focal<L>::value && !std::is_same_v<scalar_t, acc_t>) {
+    if (p.target.kind != ScalarKind::Float32) return f(Variant<scalar_t, scalar_t, L>{}, fn);
   }
-  if constexpr (is_focal<L>::value) {
-    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (p.target.kind == ScalarKind::Float32) {  // AMP: reduced-precision logits, float32 targets
-        return f(Variant<scalar_t, float, L>{}, fn);
-      }
-    }
-    return f(Variant<scalar_t, scalar_t, L>{}, fn);
-  } else {
-    return f(Variant<scalar_t, acc_t, L>{}, fn);
-  }
+  return f(Variant<scalar_t, acc_t, L>{}, fn);
 }
 
 template <class scalar_t, class F>
@@ -825,12 +803,16 @@ ForwardLaunch<scalar_t, L> forward_launch(const FocalParams& p) {
           (p.weight.data == nullptr || row_weight)) {
         constexpr int kU = kRowUnrollPacks<scalar_t>;
         const bool cross = p.cols % kVec != 0;
-        if (row_weight) {
-          if (cross) return {focal_label_rows_kernel<scalar_t, target_t, L, kU, true, true>, true};
-          return {focal_label_rows_kernel<scalar_t, target_t, L, kU, false, true>, true};
+        // The focal loss (the hot path) has kernels of its own without a weight; the other members
+        // run one kernel for no weight and for one per row (a null weight reads as 1 there).
+        if constexpr (is_focal<L>::value) {
+          if (!row_weight) {
+            if (cross) return {focal_label_rows_kernel<scalar_t, target_t, L, kU, true, false>, true};
+            return {focal_label_rows_kernel<scalar_t, target_t, L, kU, false, false>, true};
+          }
         }
-        if (cross) return {focal_label_rows_kernel<scalar_t, target_t, L, kU, true, false>, true};
-        return {focal_label_rows_kernel<scalar_t, target_t, L, kU, false, false>, true};
+        if (cross) return {focal_label_rows_kernel<scalar_t, target_t, L, kU, true, true>, true};
+        return {focal_label_rows_kernel<scalar_t, target_t, L, kU, false, true>, true};
       }
     }
     return {focal_forward_kernel<scalar_t, target_t, L, kUnrollPacks<scalar_t>>, vectorized};

@@ -234,8 +234,8 @@ ForwardPlan plan_forward(const at::Tensor& input_, const at::Tensor& targets_, c
     const at::ScalarType t = targets.scalar_type();
     const bool direct = focal ? (t == input.scalar_type() || (t == at::kFloat && acc == at::kFloat)) : t == acc;
     if (!direct) targets = targets.to(acc);
-  } else if (!focal && target == Target::Cuda && targets.scalar_type() == at::kInt) {
-    targets = targets.to(at::kLong);  // the other members' CUDA kernels read int64 labels
+  } else if (target == Target::Cuda && targets.scalar_type() == at::kInt) {
+    targets = targets.to(at::kLong);  // the CUDA kernels read int64 labels (one build of each, not two)
   }
   at::Tensor scores;
   if (scores_) scores = scores_->scalar_type() == acc ? *scores_ : scores_->to(acc);

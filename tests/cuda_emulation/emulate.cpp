@@ -60,10 +60,39 @@ struct BlockReduce {
 
 #define FOCAL_CUDA_HOST_EMULATION
 #include "../../csrc/cuda/focal_cuda.cu"
-#include "../../csrc/ops/plan.h"
+// the op's planning and the CPU gradient cache it uses, in this translation unit (one parse of the
+// torch headers instead of three)
+#include "../../csrc/cpu/grad_cache.cpp"
+#include "../../csrc/ops/plan.cpp"
 
 namespace focal::cuda {
 namespace {
+
+// Calls f(Variant, member) as the CUDA entry point does. FOCAL_EMULATION_FOCAL_ONLY (the knob builds
+// of tests/test_cuda_emulation.py, which test the focal loss at gamma = 2) instantiates only that
+// member's kernels: a fraction of the compile time.
+template <class F>
+void emulated_dispatch(const FocalParams& p, F&& f) {
+#ifdef FOCAL_EMULATION_FOCAL_ONLY
+  TORCH_CHECK(p.loss_kind == LossKind::Focal && small_integer(p.options.gamma) == 2 &&
+                  p.input.kind != ScalarKind::Float64,
+              "this emulation build has the focal loss at gamma = 2 only, for 16- and 32-bit logits");
+  auto by_dtype = [&](auto scalar_tag) {
+    using S = decltype(scalar_tag);
+    dispatch_target<S>(p, Focal<kGammaTwo, float>::make(p.options), f);
+  };
+  switch (p.input.kind) {
+    case ScalarKind::Float16:
+      return by_dtype(c10::Half{});
+    case ScalarKind::BFloat16:
+      return by_dtype(c10::BFloat16{});
+    default:
+      return by_dtype(float{});
+  }
+#else
+  dispatch_forward(p, f);
+#endif
+}
 
 template <class Kernel, class... Args>
 void launch(Kernel kernel, int64_t grid, Args... args) {
@@ -79,11 +108,12 @@ void launch(Kernel kernel, int64_t grid, Args... args) {
 }
 
 // Forward of a member's op, planned exactly as the op plans it (csrc/ops/plan.cpp,
-// as for a CUDA device: labels unchecked, int64 labels for members other than the
-// focal loss), then the chosen kernels emulated on a grid of `grid` blocks.
+// as for a CUDA device: labels unchecked, int32 labels converted to int64), then
+// the chosen kernels emulated on a grid of `grid` blocks.
 // Returns the loss (elementwise, or the scaled sum), the gradient (or an empty
 // tensor) and the kernel the launch chose: "label_rows", "label_rows_cross" (and
-// "_w" with per-row weights) or "general".
+// "_w" for the kernels that read per-row weights: every label-rows kernel of the
+// members other than the focal loss) or "general".
 std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(
     const at::Tensor& input, const at::Tensor& targets, const std::optional<at::Tensor>& scores,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& divisor, double scale, int64_t reduction,
@@ -108,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(
   const FocalParams& p = plan.p;
   std::string chosen = "general";
   std::vector<double> partials(static_cast<size_t>(grid), 0.0);
-  dispatch_forward(p, [&](auto v, const auto& fn) {
+  emulated_dispatch(p, [&](auto v, const auto& fn) {
     using V = decltype(v);
     using scalar_t = typename V::scalar_t;
     using target_t = typename V::target_t;
@@ -116,8 +146,10 @@ std::tuple<at::Tensor, at::Tensor, std::string> emulate_forward(
     const auto l = forward_launch<scalar_t, target_t, L>(p);
     if constexpr (std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>) {
       constexpr int kU = kRowUnrollPacks<scalar_t>;
-      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, L, kU, false, false>) chosen = "label_rows";
-      if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, L, kU, true, false>) chosen = "label_rows_cross";
+      if constexpr (is_focal<L>::value) {  // (the other members have only the "_w" kernels)
+        if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, L, kU, false, false>) chosen = "label_rows";
+        if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, L, kU, true, false>) chosen = "label_rows_cross";
+      }
       if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, L, kU, false, true>) chosen = "label_rows_w";
       if (l.kernel == focal_label_rows_kernel<scalar_t, target_t, L, kU, true, true>) chosen = "label_rows_cross_w";
     }
