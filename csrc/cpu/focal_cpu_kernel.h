@@ -789,13 +789,21 @@ double dense_flat(const FocalParams& p, const L& fn, float factor, float gfactor
 
 // Processes elements [begin, end) of the grid; returns the unscaled sum of the
 // weighted losses in that range (in a fixed order for a given range).
+// The factors of the elementwise loss (scale / divisor) and of the gradient (the
+// same, or grad_prescale), in the compute type.
+template <class acc_t>
+inline void output_factors(const FocalParams& p, acc_t& factor, acc_t& gfactor) {
+  factor = static_cast<acc_t>(p.scale);
+  if (p.divisor) factor = factor / *static_cast<const acc_t*>(p.divisor);
+  gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
+}
+
 template <class scalar_t, class target_t, class L>
 double focal_range(const FocalParams& p, const L& fn, int64_t begin, int64_t end) {
   using Seg = Segment<scalar_t, target_t, L>;
   using acc_t = typename Seg::acc_t;
-  acc_t factor = static_cast<acc_t>(p.scale);
-  if (p.divisor) factor = factor / *static_cast<const acc_t*>(p.divisor);
-  const acc_t gfactor = p.grad_prescale > 0 ? static_cast<acc_t>(p.grad_prescale) : factor;
+  acc_t factor, gfactor;
+  output_factors(p, factor, gfactor);
   if constexpr (Seg::kVector) {
     if (p.labels && p.contiguous && p.input.col_stride == 1 && !p.weight.data) {
       return labels_flat<scalar_t, L>(p, fn, factor, gfactor, begin, end);
@@ -985,9 +993,8 @@ inline double focal_range_dispatch(const FocalParams& p, int64_t begin, int64_t 
         return with_loss<float>(p, [&](const auto& fn) -> double {
           using L = std::decay_t<decltype(fn)>;
           if constexpr (is_focal<L>::value) {
-            float factor = static_cast<float>(p.scale);
-            if (p.divisor) factor = factor / *static_cast<const float*>(p.divisor);
-            const float gfactor = p.grad_prescale > 0 ? static_cast<float>(p.grad_prescale) : factor;
+            float factor, gfactor;
+            output_factors(p, factor, gfactor);
             return labels_flat<S, L>(p, fn, factor, gfactor, begin, end);
           } else {
             return 0.0;  // (unreachable: p.loss_kind is Focal)

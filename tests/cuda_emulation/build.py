@@ -8,7 +8,6 @@ as the longest one and a half; built from inside the tests they ran one after an
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,4 +59,3 @@ def build_all() -> None:
 
 if __name__ == "__main__":
     build_all()
-    sys.exit(0)
