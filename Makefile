@@ -20,7 +20,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 STAMP := focal_cuda/.built
 
 .PHONY: setup build test test-emulation-asan check-old-torch bench bench-full demo experiment gpu-check clean

@@ -160,7 +160,10 @@ if tuning:
     print(f"focal_cuda setup: CUDA tuning knobs {tuning}", flush=True)
 
 if with_cuda:
-    sources.insert(0, "csrc/cuda/focal_cuda.cu")  # the longest compile: first
+    # the CUDA kernels first (the longest compiles): one translation unit per 16/32-bit dtype's
+    # forward kernels, compiled side by side, and focal_cuda.cu (entry points, float64, GHM-C)
+    sources[:0] = ["csrc/cuda/forward_float.cu", "csrc/cuda/forward_bfloat16.cu", "csrc/cuda/forward_half.cu",
+                   "csrc/cuda/focal_cuda.cu"]
     define_macros.append(("FOCAL_WITH_CUDA", None))
     # -ftz=true: float32 denormals flush to zero (exp(-|x|) below ~1e-38 is 0, as on the CPU path),
     # which drops the denormal fix-ups around the special-function unit from the hot loop

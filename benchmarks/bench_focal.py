@@ -150,14 +150,15 @@ def preset(name: str) -> List[Case]:
             Case("coco", 1, *COCO, "fp32", "sum"),
             Case("coco", 1, *COCO, "bf16", "sum", ["fused_labels", "eager_dense", "compile_dense"]),
         ] + family_cases(1) + alternative_cases(1)
-    # the issue's headline cases first, so a run stopped at a time limit still has them
+    # the goals' cases first (COCO b16 fp32 and bf16, then each family member on (labels, scores)),
+    # so that a run stopped at a time limit (--time-limit) still has them
     cases = [Case("coco", 16, *COCO, dt, "sum") for dt in ("fp32", "bf16")]
+    cases += family_cases(16)
     cases += [Case("coco", b, *COCO, "fp32", "sum") for b in (1, 2, 8)]
     cases += [Case("coco", 16, *COCO, "fp16", "sum")]
     cases += [Case("coco", 16, *COCO, "fp32", "none")]
     cases += [Case("torchvision91", 8, *TV91, "fp32", "sum")]
     cases += [Case("mlperf", b, *MLPERF, dt, "sum") for b in (8, 32) for dt in ("fp32", "bf16")]
-    cases += family_cases(16)
     cases += alternative_cases(16)
     return cases
 
@@ -731,6 +732,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None,
                     help="the run's folder under --out (default <date>-<machine>); it gets bench.json/.md/.png")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds: start no case that would end past this (estimated from the slowest case so "
+                         "far); what ran is written, marked incomplete")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -769,16 +773,22 @@ def main(argv=None) -> int:
         return table
 
     results = []
+    slowest = 0.0
     for i, case in enumerate(cases):
+        if args.time_limit is not None and time.time() - start + slowest > args.time_limit:
+            log(f"time limit: {args.time_limit:.0f} s would be passed; {len(cases) - i} cases not run")
+            break
         log(f"[{i + 1}/{len(cases)}] {case.label}")
         torch._dynamo.reset()
+        t0 = time.time()
         results.append(run_case(case, device, reps, warmup, log))
+        slowest = max(slowest, time.time() - t0)
         write(results, complete=False)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(write(results, complete=True))
+    print(write(results, complete=len(results) == len(cases)))
     png = None if args.no_plot else plot(results, os.path.join(run_dir, "bench.png"))
     log(f"wrote {os.path.join(run_dir, 'bench')}.json/.md" + (f" and {png}" if png else ""))
     return 0

@@ -1,25 +1,33 @@
 #!/usr/bin/env python3
 """One-command GPU check (``make gpu-check``) for a machine with a GPU and NO network.
 
-Uses the machine's own python3 and what it already has (torch, pytest, numpy, ninja, pybind11):
-no virtual environment, no downloads. Everything a run writes goes to its own folder,
-benchmarks/results/<date>-<gpu>/ (logs in its logs/). Steps:
+Uses the machine's own python3 and what it already has (torch, pytest, numpy, ninja, pybind11;
+pytest-xdist where installed): no virtual environment, no downloads. Everything a run writes goes to
+its own folder, benchmarks/results/<date>-<gpu>/ (logs in its logs/). Steps:
 
-  1. build the extension in place for this GPU's architecture (CUDA build enforced);
-  2. run the whole test suite (CPU and CUDA parametrisations), counting passed/failed/skipped;
+  1. build the extension in place for this GPU's architecture only (CUDA build enforced; the
+     CUDA translation units compile side by side on all cores);
+  2. run the whole test suite (CPU and CUDA parametrisations) on pytest-xdist with a worker per core
+     where it is installed, counting passed/failed/skipped, and logging the slowest tests;
   3. run compute-sanitizer (memcheck and racecheck) over a small CUDA test subset;
-  4. run the benchmark's --full sweep, then benchmarks/host_overhead.py (host time per call);
+  4. run the benchmark's --full sweep, the goals' cases first (COCO b16 fp32 and bf16, then each family
+     member), written after every case and stopped at the budget, then benchmarks/host_overhead.py
+     (host time per call);
   (profile, only when named in --steps: Nsight Compute on the COCO batch-16 fp32 and bf16 kernels,
      key metrics into the report, the full text in logs/);
-  5. write check.json (device, torch, cuda, commit, tests, sanitizer, bench) and a short markdown
-     summary, check.md, beside the benchmark's bench.json/.md.
+  5. write check.json (device, driver, torch, cuda, commit, tests, sanitizer, bench) and a short
+     markdown summary, check.md, beside the benchmark's bench.json/.md.
 
 Exit status 0 only if the build succeeded, no test failed and the sanitizer found nothing.
 
+--budget (default 480 s) bounds the whole check: each step's time limit is what is left of it less
+what the later steps need (NEED); the benchmark stops starting cases when its share is spent. Sized
+from the 2026-11-23 H100 run (build 50 s; tests 136 s on 8 workers; sanitizer 57 s; benchmark
+about 12 s a case; host overhead about 20 s) so that the check ends within 8 minutes.
+
 ``--steps build,test,sanitize,bench`` runs a subset (default: all); results of earlier calls on the
 same day and GPU are kept and merged into the same report, so the check can be split across several
-shorter calls (for example under a 10-minute limit per command). ``--bench-args`` passes options to the
-benchmark (e.g. ``"--cases coco --reps 10"``).
+shorter calls. ``--bench-args`` passes options to the benchmark (e.g. ``"--cases coco --reps 10"``).
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ SANITIZER_TESTS = [
     "tests/test_cuda.py::test_label_rows_kernel[2.0-0.25-label_dtype0-8-150001-dtype0]",
     # packs that run into the next row, and the scalar tail (C = 91, bfloat16)
     "tests/test_cuda.py::test_label_rows_kernel[2.0-0.25-label_dtype0-91-16001-dtype1]",
+    # every member's 16-bit kernels: label rows (labels, (labels, scores)) and the general vector path
+    "tests/test_family.py::test_reduced_precision_logits",
+    # GHM-C: the histogram kernel's shared-memory counts (racecheck), its bin weights and loss pass
+    "tests/test_ghmc.py::test_dtypes",
+    "tests/test_ghmc.py::test_matches_mmdet_algorithm[30-none-labels-cuda]",
+    "tests/test_ghmc.py::test_matches_mmdet_algorithm[10-element-soft-cuda]",
 ]
 
 
@@ -81,6 +95,24 @@ def junit_counts(path):
     return {"passed": tests - failed - skipped, "failed": failed, "skipped": skipped}
 
 
+BUDGET_S = 480
+# Seconds the later steps need at the least when the budget sets an earlier step's limit: the sanitizer
+# (57 s on the H100 for its first 106 tests; now 170), the benchmark's first cases (COCO b16 fp32 and
+# bf16: about 25 s), host overhead.
+NEED = {"sanitize": 90, "bench": 45, "host": 30}
+# seconds of a benchmark process before its first case (imports, CUDA start-up)
+BENCH_START_S = 15
+
+
+def xdist_workers() -> int:
+    """Workers for pytest-xdist (one per core), or 0 where it is not installed."""
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return 0
+    return os.cpu_count() or 1
+
+
 def find_sanitizer():
     for cand in (shutil.which("compute-sanitizer"), "/usr/local/cuda/bin/compute-sanitizer",
                  "/usr/local/cuda/compute-sanitizer/compute-sanitizer"):
@@ -96,8 +128,20 @@ def main(argv=None) -> int:
     ap.add_argument("--test-args", default="", help="extra pytest options, e.g. a test selection")
     ap.add_argument("--timeout", type=int, default=None,
                     help="seconds allowed to each of the test, sanitizer and benchmark steps (default: none)")
+    ap.add_argument("--budget", type=float, default=BUDGET_S,
+                    help=f"seconds for the whole check (default {BUDGET_S}; 0: no bound)")
     args = ap.parse_args(argv)
     steps = set(args.steps.split(","))
+    start = time.time()
+    planned = [s for s in ("sanitize", "bench") if s in steps] + (["host"] if "bench" in steps else [])
+
+    def limit(*later):
+        """Seconds for a step: the budget left less what the later steps need (and --timeout)."""
+        caps = [args.timeout] if args.timeout else []
+        if args.budget > 0:
+            caps.append(max(10.0, args.budget - (time.time() - start) - sum(NEED[s] for s in later if s in planned)))
+        return int(min(caps)) if caps else None
+
     import torch
 
     if not torch.cuda.is_available():
@@ -108,10 +152,11 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     env["FOCAL_CUDA_REQUIRE_CUDA"] = "1"
-    env.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 2)))
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
     env["PYTHONUNBUFFERED"] = "1"
     report = {"device": gpu, "capability": f"{major}.{minor}", "torch": torch.__version__,
-              "cuda": torch.version.cuda, "python": sys.version.split()[0], "date": datetime.date.today().isoformat()}
+              "cuda": torch.version.cuda, "driver": driver_version(), "python": sys.version.split()[0],
+              "date": datetime.date.today().isoformat()}
     out_dir = os.path.join(RESULTS, report_stem(report))
     logs = os.path.join(out_dir, "logs")
     previous = os.path.join(out_dir, "check.json")
@@ -144,13 +189,20 @@ def main(argv=None) -> int:
         junit = os.path.join(logs, "tests.xml")
         if os.path.exists(junit):
             os.remove(junit)
-        rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", f"--junitxml={junit}",
-                         *shlex.split(args.test_args)], os.path.join(logs, "tests.log"), env, timeout=args.timeout)
-        report["tests"] = junit_counts(junit) or {"passed": 0, "failed": 1, "skipped": 0,
-                                                  "note": f"no junit report (pytest exit {rc})"}
+        extra = shlex.split(args.test_args)
+        test_env = env
+        workers = xdist_workers() if not any(a == "-n" or a.startswith("-n") for a in extra) else 0
+        if workers > 1:  # a worker per core: one thread each (torch's, inductor's compile pool)
+            extra = ["-n", str(workers)] + extra
+            test_env = dict(env, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+        timeout = limit("sanitize", "bench", "host")
+        rc, dt, _ = run([sys.executable, "-m", "pytest", "tests", "-q", "-rs", "--durations=25",
+                         f"--junitxml={junit}", *extra], os.path.join(logs, "tests.log"), test_env, timeout=timeout)
+        report["tests"] = junit_counts(junit) or {
+            "passed": 0, "failed": 1, "skipped": 0,
+            "note": f"timed out after {timeout} s" if rc == 124 else f"no junit report (pytest exit {rc})"}
         report["tests"]["seconds"] = round(dt)
-        if args.test_args:
-            report["tests"]["selection"] = args.test_args
+        report["tests"]["args"] = " ".join(extra)
 
     sanitizer = find_sanitizer()
     report.setdefault("sanitizer", {})
@@ -160,7 +212,7 @@ def main(argv=None) -> int:
             continue
         cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=99", "--target-processes=all",
                sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda", *SANITIZER_TESTS]
-        rc, dt, path = run(cmd, os.path.join(logs, f"sanitizer-{tool}.log"), env, timeout=args.timeout)
+        rc, dt, path = run(cmd, os.path.join(logs, f"sanitizer-{tool}.log"), env, timeout=limit("bench", "host"))
         with open(path) as f:
             text = f.read()
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
@@ -168,30 +220,36 @@ def main(argv=None) -> int:
         report["sanitizer"][tool] = {"exit": rc, "errors": errors, "seconds": round(dt)}
 
     if "profile" in steps:
-        report["profile"] = profile(env, args.timeout, logs)
+        report["profile"] = profile(env, limit("bench", "host"), logs)
 
     if "bench" in steps:
+        timeout = limit("host")
+        bench_args = shlex.split(args.bench_args)
+        if timeout is not None and "--time-limit" not in bench_args:  # stops between cases, before the kill
+            bench_args += ["--time-limit", str(max(1, timeout - BENCH_START_S))]
         rc, dt, _ = run([sys.executable, "benchmarks/bench_focal.py", "--full", "--out", RESULTS, "--name",
-                         report_stem(report), *shlex.split(args.bench_args)], os.path.join(logs, "bench.log"), env,
-                        timeout=args.timeout)
+                         report_stem(report), *bench_args], os.path.join(logs, "bench.log"), env,
+                        timeout=None if timeout is None else timeout + 30)
         bench_json = os.path.join(out_dir, "bench.json")
         if os.path.exists(bench_json):  # written after every case: a stopped run keeps what it measured
             with open(bench_json) as f:
                 bench = json.load(f)
-            report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "exit": rc,
+            report["bench"] = {"file": os.path.relpath(bench_json, ROOT), "exit": rc, "seconds": round(dt),
+                               "cases": f"{len(bench['results'])} of {bench.get('cases_planned', '?')}",
                                "complete": bool(bench.get("complete")) and rc == 0, "summary": summarize(bench)}
         else:
             report["bench"] = {"error": f"benchmark exited {rc} before its first case"}
         # host time per call on a tiny input (what bounds small batches), about 20 s
         host_json = os.path.join(out_dir, "host-overhead.json")
         rc, dt, _ = run([sys.executable, "benchmarks/host_overhead.py", "--device", "cuda", "--json", host_json],
-                        os.path.join(logs, "host-overhead.log"), env, timeout=args.timeout)
+                        os.path.join(logs, "host-overhead.log"), env, timeout=limit())
         if rc == 0 and os.path.exists(host_json):
             with open(host_json) as f:
                 report["host_overhead_us"] = json.load(f)["us_per_call"]
         else:
             report["host_overhead_us"] = {"error": f"host_overhead.py exited {rc}"}
 
+    report["seconds"] = round(time.time() - start)
     ok = ("tests" in report and report["tests"]["failed"] == 0 and all(
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
         for v in report["sanitizer"].values()))
@@ -228,6 +286,15 @@ def parse_ncu(text: str) -> list:
             key = "memory_throughput_pct" if unit == "%" else f"memory_throughput_{unit.replace('/', 'per')}"
         kernels[-1].setdefault(key, value)
     return kernels
+
+
+def driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out.splitlines()[0] if out else "unknown"
 
 
 def find_ncu():
@@ -279,15 +346,21 @@ def finish(report: dict, out_dir: str, ok: bool) -> int:
     with open(os.path.join(out_dir, "check.json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# GPU check {report['date']}: {report['device']}", "",
-             f"torch {report['torch']}, CUDA {report['cuda']}, commit {report['commit']}, "
-             f"build {'ok' if report.get('build', {}).get('ok') else 'FAILED'}", ""]
+             f"torch {report['torch']}, CUDA {report['cuda']}, driver {report.get('driver', 'unknown')}, "
+             f"commit {report['commit']}, build {'ok' if report.get('build', {}).get('ok') else 'FAILED'}"
+             f" ({report.get('build', {}).get('seconds', '?')} s), whole check {report.get('seconds', '?')} s", ""]
     if "tests" in report:
         t = report["tests"]
-        lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+        lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                     f" ({t.get('seconds', '?')} s{', ' + t['note'] if 'note' in t else ''})")
     for tool, v in report.get("sanitizer", {}).items():
         lines.append(f"compute-sanitizer {tool}: {v}")
     for dtype, v in report.get("profile", {}).items():
         lines.append(f"ncu, COCO b16 {dtype} fused kernel: {v}")
+    if "bench" in report:
+        b = report["bench"]
+        lines.append(f"benchmark: {b.get('cases', '?')} cases in {b.get('seconds', '?')} s"
+                     f"{'' if b.get('complete') else ' (incomplete)'}{', ' + b['error'] if 'error' in b else ''}")
     for row in report.get("bench", {}).get("summary", []):
         lines.append(f"- {row}")
     if "host_overhead_us" in report:

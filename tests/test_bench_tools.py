@@ -1,4 +1,6 @@
-"""The GPU check's Nsight Compute parser, on a real report (an H100 run committed with the results)."""
+"""The benchmark tools on the CPU: the GPU check (its orchestration and budget with every GPU step
+faked, its Nsight Compute parser on a real report committed with an H100 run, its sanitizer subset),
+the knob race, the benchmark's time limit and case order, and the host-overhead script."""
 
 import json
 import os
@@ -214,6 +216,108 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
     assert gpu_check.main(["--steps", "sanitize"]) == 1  # racecheck errors fail the check
     report = json.loads((results / stem / "check.json").read_text())
     assert report["sanitizer"]["racecheck"]["errors"] == 3 and report["ok"] is False
+
+
+def test_gpu_check_budget_sizes_each_step_and_runs_tests_on_a_worker_per_core(tmp_path, monkeypatch):
+    """With --budget, each step's limit is what is left less what the later steps need; pytest runs
+    on xdist with a worker per core, one thread each; the benchmark stops starting cases in time."""
+    import torch
+
+    monkeypatch.setattr(gpu_check, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: "/fake/compute-sanitizer")
+    monkeypatch.setattr(gpu_check, "xdist_workers", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 141GB")
+    clock = {"t": gpu_check.time.time()}  # (time.time itself: the report's date comes from it too)
+    monkeypatch.setattr(gpu_check.time, "time", lambda: clock["t"])
+    took = {"build.log": 60, "tests.log": 150, "sanitizer-memcheck.log": 20, "sanitizer-racecheck.log": 40,
+            "bench.log": 150, "host-overhead.log": 20}
+    calls = {}
+
+    def fake_run(cmd, path, env=None, timeout=None):
+        name = os.path.basename(path)
+        calls[name] = {"cmd": cmd, "env": env, "timeout": timeout}
+        clock["t"] += took[name]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("========= ERROR SUMMARY: 0 errors\n" if name.startswith("sanitizer") else "")
+        return 0, took[name], path
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    assert gpu_check.main(["--budget", "480"]) == 1  # no junit report: counted as a failure
+    need = gpu_check.NEED
+    tests = calls["tests.log"]
+    assert tests["cmd"][tests["cmd"].index("-n") + 1] == "16"
+    assert tests["env"]["OMP_NUM_THREADS"] == "1" and tests["env"]["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    assert tests["timeout"] == 480 - 60 - need["sanitize"] - need["bench"] - need["host"]
+    assert calls["sanitizer-memcheck.log"]["timeout"] == 480 - 210 - need["bench"] - need["host"]
+    assert calls["sanitizer-racecheck.log"]["timeout"] == 480 - 230 - need["bench"] - need["host"]
+    bench = calls["bench.log"]
+    left = 480 - 270 - need["host"]
+    assert bench["cmd"][bench["cmd"].index("--time-limit") + 1] == str(left - gpu_check.BENCH_START_S)
+    assert bench["timeout"] == left + 30
+    assert calls["host-overhead.log"]["timeout"] == 480 - 420
+
+    # spent: a step still gets 10 s; without a budget no limit; an explicit -n is kept as given
+    calls.clear()
+    clock["t"] += 1000
+    took["build.log"] = 1000
+    gpu_check.main(["--budget", "480", "--steps", "build,test"])
+    assert calls["tests.log"]["timeout"] == 10
+    calls.clear()
+    gpu_check.main(["--budget", "0", "--steps", "build,test", "--test-args", "-n 4 -k cuda"])
+    tests = calls["tests.log"]
+    assert tests["timeout"] is None and tests["cmd"].count("-n") == 1 and "4" in tests["cmd"]
+
+
+def test_bench_stops_starting_cases_at_its_time_limit(tmp_path, monkeypatch):
+    """--time-limit: no case starts that would end past it (by the slowest so far); what ran is
+    written, marked incomplete."""
+    import bench_focal
+
+    clock = {"t": 100.0, "ran": []}
+    monkeypatch.setattr(bench_focal.time, "time", lambda: clock["t"])
+
+    def fake_case(case, device, reps, warmup, log):
+        clock["t"] += 40
+        clock["ran"].append(case.label)
+        return {"case": case.__dict__, "skipped": "fake"}
+
+    monkeypatch.setattr(bench_focal, "run_case", fake_case)
+    planned = bench_focal.preset("quick")
+    assert len(planned) > 3
+    # 0 + 0 <= 100: runs; 40 + 40 <= 100: runs; 80 + 40 > 100: stops
+    assert bench_focal.main(["--quick", "--device", "cpu", "--time-limit", "100", "--out", str(tmp_path),
+                             "--name", "run", "--no-plot"]) == 0
+    assert clock["ran"] == [c.label for c in planned[:2]]
+    report = json.loads((tmp_path / "run" / "bench.json").read_text())
+    assert report["complete"] is False and len(report["results"]) == 2
+    assert report["cases_planned"] == len(planned)
+
+
+def test_full_sweep_runs_the_goals_cases_first():
+    import bench_focal
+
+    labels = [c.label for c in bench_focal.preset("full")]
+    family = [c.label for c in bench_focal.family_cases(16)]
+    assert labels[:2] == [c.label for c in (bench_focal.Case("coco", 16, *bench_focal.COCO, "fp32", "sum"),
+                                            bench_focal.Case("coco", 16, *bench_focal.COCO, "bf16", "sum"))]
+    assert labels[2:2 + len(family)] == family and len(family) == len(bench_focal.FAMILY)
+
+
+def test_sanitizer_subset_names_tests_that_exist():
+    """compute-sanitizer runs these node ids: each must still collect (a renamed test or parameter
+    would make the sanitizer step test nothing)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "cuda",
+                           *gpu_check.SANITIZER_TESTS], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+    for node in gpu_check.SANITIZER_TESTS:
+        assert any(c == node or c.startswith(node + "[") for c in collected), node
+    assert all("cuda" in c or c.startswith("tests/test_cuda.py") for c in collected)
 
 
 def test_host_overhead_script_runs_and_reports_every_case(tmp_path):

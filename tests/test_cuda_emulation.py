@@ -1,5 +1,5 @@
-"""The CUDA kernels' logic without a GPU: csrc/cuda/focal_cuda.cu compiled as plain C++
-(tests/cuda_emulation/emulate.cpp) and run thread by thread on the CPU, on small grids so that
+"""The CUDA kernels' logic without a GPU: csrc/cuda/focal_cuda.cu (with kernels.cuh) compiled as
+plain C++ (tests/cuda_emulation/emulate.cpp) and run thread by thread on the CPU, on small grids so that
 every thread takes many grid-stride steps. Checked against the CPU op (an independent kernel) and
 against what the kernels must choose: which kernel runs, which element gets which label, which
 pack takes which path, that ignored rows give exact zeros and bad labels NaN. The emulation uses

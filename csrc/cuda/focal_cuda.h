@@ -1,5 +1,5 @@
-// Host-side interface of the CUDA kernels (implemented in focal_cuda.cu).
-// Plain types only, so focal_op.cpp does not need CUDA headers to call them.
+// Host-side interface of the CUDA kernels (focal_cuda.cu, forward_<dtype>.cu).
+// Plain types only, so the op layer (csrc/ops/) needs no CUDA headers to call them.
 #pragma once
 
 #include <cstdint>

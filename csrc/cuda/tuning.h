@@ -35,7 +35,7 @@
 
 // Blocks of 256 threads per SM asked of ptxas for the label-rows kernel (a
 // register cap of 64K / 256 / blocks). 0: per instantiation, the occupancy its
-// natural register count allows (see kRowMinBlocks in focal_cuda.cu).
+// natural register count allows (see kRowMinBlocks in kernels.cuh).
 #ifndef FOCAL_CUDA_ROW_MIN_BLOCKS
 #define FOCAL_CUDA_ROW_MIN_BLOCKS 0
 #endif

@@ -1,4 +1,4 @@
-// The CUDA kernels of csrc/cuda/focal_cuda.cu compiled as plain C++ and run on
+// The CUDA kernels (csrc/cuda/kernels.cuh, through focal_cuda.cu) compiled as plain C++ and run on
 // the CPU, one thread after another: tests of their indexing, branching and
 // kernel choice on machines without a GPU (tests/test_cuda_emulation.py). The
 // call is planned by the op's own planning (csrc/ops/plan.cpp, compiled with
