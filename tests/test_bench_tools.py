@@ -5,6 +5,7 @@ the knob race, the benchmark's time limit and case order, and the host-overhead 
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -245,6 +246,10 @@ def test_gpu_check_budget_sizes_each_step_and_runs_tests_on_a_worker_per_core(tm
         return 0, took[name], path
 
     monkeypatch.setattr(gpu_check, "run", fake_run)
+    monkeypatch.setenv("FOCAL_CUDA_COMMIT", "abc1234")
+    # the build-info, git and nvidia-smi queries: not this test's subject (each a few seconds of start-up)
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="{}", stderr="",
+                                                                                      returncode=0))
     assert gpu_check.main(["--budget", "480"]) == 1  # no junit report: counted as a failure
     need = gpu_check.NEED
     tests = calls["tests.log"]
