@@ -41,6 +41,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--test-args", default="", help="extra pytest options, e.g. a test selection")
     ap.add_argument("--timeout", type=int, default=None,
                     help="seconds allowed to each of the test, sanitizer and benchmark steps (default: none)")
+    ap.add_argument("--archive", default=None,
+                    help="also write the results folder (report, benchmark, logs) into this .tar.gz")
     ap.add_argument("--budget", type=float, default=BUDGET_S,
                     help=f"seconds for the whole check (default {BUDGET_S}; 0: no bound)")
     args = ap.parse_args(argv)
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
         report["build"] = {"ok": rc == 0, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
     if rc != 0:
         report["build"] = {"ok": False, "seconds": round(dt), "arch": env["TORCH_CUDA_ARCH_LIST"]}
-        return finish(report, out_dir, ok=False)
+        return finish(report, out_dir, ok=False, archive=args.archive)
 
     info = subprocess.run([sys.executable, "-m", "focal_cuda"], cwd=ROOT, capture_output=True, text=True, env=env)
     try:
@@ -253,7 +256,7 @@ def main(argv=None) -> int:
     ok = ("tests" in report and report["tests"]["failed"] == 0 and all(
         isinstance(v, dict) and v.get("exit") == 0 and v.get("errors") in (0, None)
         for v in report["sanitizer"].values()))
-    return finish(report, out_dir, ok)
+    return finish(report, out_dir, ok, archive=args.archive)
 
 
 NCU_METRICS = {  # Nsight Compute's metric name -> report key
@@ -340,7 +343,7 @@ def summarize(bench: dict) -> list:
     return rows
 
 
-def finish(report: dict, out_dir: str, ok: bool) -> int:
+def finish(report: dict, out_dir: str, ok: bool, archive: str | None = None) -> int:
     report["ok"] = bool(ok)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "check.json"), "w") as f:
@@ -369,6 +372,10 @@ def finish(report: dict, out_dir: str, ok: bool) -> int:
     with open(os.path.join(out_dir, "check.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if archive:  # the results folder as one file (for a host whose tree is not brought back)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(out_dir, arcname=os.path.join("benchmarks", "results", os.path.basename(out_dir)))
+        print(f"archived {out_dir} into {archive}")
     return 0 if ok else 1
 
 

@@ -207,9 +207,18 @@ def test_gpu_check_orchestration_with_fake_steps(tmp_path, monkeypatch):
     assert report["ok"] is False
     assert "result: FAIL" in (results / stem / "check.md").read_text()
 
-    # later calls with some steps only: merged into the same report
+    # later calls with some steps only: merged into the same report (and archived where asked)
     test_failures["n"] = 0
-    assert gpu_check.main(["--steps", "build,test"]) == 0  # the failure fixed; the sanitizer's results kept
+    archive = tmp_path / "check.tgz"
+    assert gpu_check.main(["--steps", "build,test", "--archive", str(archive)]) == 0  # the sanitizer's results kept
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        packed = json.load(tar.extractfile(next(n for n in names if n.endswith("/check.json"))))
+    assert all(n.startswith(f"benchmarks/results/{stem}") for n in names)
+    assert any(n.endswith("/logs/tests.log") for n in names) and any(n.endswith("/bench.json") for n in names)
+    assert packed["ok"] is True and packed["commit"] == "abc1234"
     report = json.loads((results / stem / "check.json").read_text())
     assert report["ok"] is True and report["tests"]["failed"] == 0
     assert report["bench"]["summary"][0]["case"] == "coco b16"  # kept from the first call
