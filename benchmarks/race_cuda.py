@@ -6,7 +6,7 @@ read by setup.py); ``main`` is the tree as it is. All variants are built at once
 many cores), then benchmarks/tune_cuda.py runs on each in turn, the variants interleaved round by
 round so that drift of the GPU's clocks hits them all alike. Each variant first passes the CUDA
 value tests of its kernels (part of test_cuda.py), or it is not timed. About 8 minutes on an
-H100 for five variants and two dtypes, estimated; --budget-s stops the timing rounds early rather
+H100 for six builds and two dtypes, estimated; --budget-s stops the timing rounds early rather
 than run past a 10-minute limit per command, and --json is rewritten after every phase, so a call
 that is cut off still leaves what it measured.
 
@@ -34,11 +34,13 @@ WORK = os.environ.get("FOCAL_RACE_DIR", "/tmp/focal_race")
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "results", "__pycache__", ".dev", ".whl")
 
 # What the race settles by default: the label-rows kernel against the general kernel, its packs per
-# step, and the cheaper log1p reciprocal.
+# step, its register cap (4 blocks an SM: more warps, but the loop spills), and the cheaper log1p
+# reciprocal.
 DEFAULT_VARIANTS = {
     "label-rows-off": "LABEL_ROWS=0",
     "row-packs-1": "ROW_PACKS_F32=1",
     "row-packs-2": "ROW_PACKS_F16=2",
+    "row-min-blocks-4": "ROW_MIN_BLOCKS=4",
     "log1p-no-newton": "LOG1P_NEWTON=0",
 }
 

@@ -555,15 +555,17 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const L& fn, con
 }
 
 // Blocks of 256 per SM asked of ptxas for the label-rows kernel (a register cap
-// of 64K / 256 / blocks). Without it ptxas picked 48 registers for the plain
-// bfloat16 kernel but 95 for float32 with row crossing and row weights; with a
-// cap it fills the cap, so each is set to the occupancy its natural count
-// allows (5 blocks: 48, 4: 64, 3: 80 registers).
+// of 64K / 256 / blocks), set to the occupancy each kernel's natural register
+// count allows, so that the hot loop does not spill. Uncapped, ptxas (nvcc 13,
+// sm_90) gives the kernels without row crossing 75-88 registers (the focal
+// loss 75-80) and those with it 90-116: 3 blocks (80 registers) and 2 (128).
+// Caps below that spill inside the grid-stride loop (at 4 and 5 blocks, the
+// float32 and bfloat16 focal kernels of COCO stored and reloaded 15-19 values
+// a step); at 3 blocks the other members' float32 kernels (86-88) keep 1-3
+// values on the stack. tests/test_cuda_build.py checks the stack frames.
 // (FOCAL_CUDA_ROW_MIN_BLOCKS in tuning.h overrides them all.)
-template <class scalar_t, bool kCross, bool kRowWeight>
-constexpr int kRowMinBlocks = FOCAL_CUDA_ROW_MIN_BLOCKS > 0 ? FOCAL_CUDA_ROW_MIN_BLOCKS
-                              : sizeof(scalar_t) == 2     ? (!kCross && !kRowWeight ? 5 : 4)
-                                                          : (kCross ? 3 : 4);
+template <bool kCross>
+constexpr int kRowMinBlocks = FOCAL_CUDA_ROW_MIN_BLOCKS > 0 ? FOCAL_CUDA_ROW_MIN_BLOCKS : (kCross ? 2 : 3);
 
 // The hot path, as its own kernel: class labels, no weight or one weight per
 // row (kRowWeight: per anchor, as mmdet and the torchvision patch pass them),
@@ -578,7 +580,7 @@ constexpr int kRowMinBlocks = FOCAL_CUDA_ROW_MIN_BLOCKS > 0 ? FOCAL_CUDA_ROW_MIN
 // instantiation, so that C = 80 does not pay its registers); the last
 // n % kVec elements then take a scalar loop.
 template <class scalar_t, class target_t, class L, int kUnroll, bool kCross, bool kRowWeight>
-__global__ void __launch_bounds__(kThreads, (kRowMinBlocks<scalar_t, kCross, kRowWeight>))
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks<kCross>)
     focal_label_rows_kernel(const FocalParams p, const L fn, const KernelConsts<acc_type<scalar_t>> kc, bool,
                             double* __restrict__ partials) {
   static_assert(std::is_integral_v<target_t> && !std::is_same_v<scalar_t, double>);

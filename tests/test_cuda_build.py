@@ -1,0 +1,75 @@
+"""What the CUDA build produced, read from the built extension without a GPU: the label-rows
+kernels (the hot path of detectors) keep their loop in registers. Their register caps
+(kRowMinBlocks in csrc/cuda/kernels.cuh) are set to each kernel's natural register count; a cap
+below it makes ptxas spill inside the grid-stride loop (it did: 15-19 local loads and stores a step
+in the COCO float32 and bfloat16 kernels), which shows as a stack frame in cuobjdump's resource
+usage."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import focal_cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_cuobjdump():
+    cands = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                      "cuobjdump")]
+    try:  # the triton wheel that comes with torch ships one
+        import triton
+
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def resource_usage():
+    """[(arch, demangled kernel name, registers, stack bytes)] of the built extension."""
+    if not focal_cuda.build_info()["cuda_kernels"]:
+        pytest.skip("the extension was built without its CUDA kernels")
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton) on this machine")
+    so = glob.glob(os.path.join(os.path.dirname(focal_cuda.__file__), "_C*.so"))
+    assert len(so) == 1, so
+    text = subprocess.run([tool, "-res-usage", so[0]], capture_output=True, text=True, check=True).stdout
+    rows, arch, names = [], None, []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            usage = re.search(r"REG:(\d+) STACK:(\d+)", lines[i + 1])
+            names.append(m.group(1))
+            rows.append((arch, int(usage.group(1)), int(usage.group(2))))
+    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+    demangled = [d.replace("(anonymous namespace)::", "").replace("focal::", "") for d in demangled]
+    return [(a, d[:d.find(">(") + 1] if ">(" in d else d, reg, stack) for (a, reg, stack), d in zip(rows, demangled)]
+
+
+def test_label_rows_kernels_without_row_crossing_do_not_spill():
+    """The focal loss's kernels (COCO's C = 80 is a multiple of both packs): no stack at all. The
+    other members' float32 kernels need 86-88 registers uncapped, a few above the cap of 3 blocks:
+    they may keep up to 3 values (24 B) on the stack rather than lose a third of their warps."""
+    rows = resource_usage()
+    assert {a for a, *_ in rows} >= {f"sm_{a.split('+')[0].replace('.', '')}"
+                                     for a in focal_cuda.build_info()["cuda_archs"]}
+    # focal_label_rows_kernel<scalar, label, member, packs, kCross, kRowWeight>
+    rows_kernels = [(a, d, reg, stack) for a, d, reg, stack in rows if "focal_label_rows_kernel<" in d]
+    plain = [r for r in rows_kernels if re.search(r", \d+, false, (true|false)>$", r[1])]
+    assert len(plain) >= 10, [d for _, d, *_ in rows_kernels]  # every member, both 16/32-bit dtypes
+    assert any("Focal<2, float>" in d for _, d, *_ in plain)
+    spilling = [f"{a} {d}: {reg} registers, {stack} B of stack" for a, d, reg, stack in plain
+                if stack > (0 if re.search(r", Focal<\d, float>,", d) else 24)]
+    assert not spilling, "\n".join(spilling)
