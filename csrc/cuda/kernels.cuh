@@ -165,6 +165,15 @@ struct LabelRow {
   bool valid;
 };
 
+// Row a's or row b's, field by field: selecting the struct itself by a runtime
+// condition (`second ? b : a` bound to a reference) takes one of two addresses,
+// which puts both rows in local memory.
+template <class acc_t>
+__device__ __forceinline__ LabelRow<acc_t> pick_row(bool second, const LabelRow<acc_t>& a, const LabelRow<acc_t>& b) {
+  return {second ? b.cls : a.cls, second ? b.f : a.f, second ? b.dropped : a.dropped, second ? b.keep : a.keep,
+          second ? b.valid : a.valid};
+}
+
 // Without branches. cls is -1 for a row that is dropped (matches no column,
 // and never overflows the column arithmetic the label-rows kernel does with it).
 template <class acc_t, class target_t>
@@ -530,7 +539,7 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const L& fn, con
   }
   const bool cross = c + kVec > cols;
   const int split = cross ? cols - c : kVec;  // elements of the first row
-  const LabelRow<acc_t> row2 = cross ? label_row<acc_t>(p, next_label) : row;
+  const LabelRow<acc_t> row2 = pick_row(cross, row, label_row<acc_t>(p, next_label));
   const acc_t w2 = kRowWeight && cross ? next_w : wf;
   // The first row's class is in the pack if rel is in [0, split) (background, C, lands on split); the
   // second row's if rel2 < kVec (background gives split + C > kVec). A dropped row (cls -1) matters not:
@@ -548,8 +557,8 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const L& fn, con
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const bool second = j >= split;
-    label_element<kRowWeight>(p, fn, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel, second ? row2 : row,
-                              second ? r + 1 : r, second ? w2 : wf, l[j], g[j]);
+    label_element<kRowWeight>(p, fn, pack_element<acc_t>(xv, j), second ? j == rel2 : j == rel,
+                              pick_row(second, row, row2), second ? r + 1 : r, second ? w2 : wf, l[j], g[j]);
   }
   return acc_t(1);
 }
@@ -557,12 +566,14 @@ __device__ __forceinline__ acc_t row_pack(const FocalParams& p, const L& fn, con
 // Blocks of 256 per SM asked of ptxas for the label-rows kernel (a register cap
 // of 64K / 256 / blocks), set to the occupancy each kernel's natural register
 // count allows, so that the hot loop does not spill. Uncapped, ptxas (nvcc 13,
-// sm_90) gives the kernels without row crossing 75-88 registers (the focal
-// loss 75-80) and those with it 90-116: 3 blocks (80 registers) and 2 (128).
-// Caps below that spill inside the grid-stride loop (at 4 and 5 blocks, the
+// sm_90) gives the kernels without row crossing 73-88 registers (the focal
+// loss 73-80) and those with it 88-120: 3 blocks (80 registers) and 2 (128).
+// Caps below that spill inside the grid-stride loop: at 4 and 5 blocks the
 // float32 and bfloat16 focal kernels of COCO stored and reloaded 15-19 values
-// a step); at 3 blocks the other members' float32 kernels (86-88) keep 1-3
-// values on the stack. tests/test_cuda_build.py checks the stack frames.
+// a step; at 3 blocks the kernels with row crossing keep 8-112 B on the stack,
+// and the other members' float32 kernels without it (86-88) 8-24 B, which they
+// keep rather than lose a third of their warps. tests/test_cuda_build.py
+// checks the stack frames.
 // (FOCAL_CUDA_ROW_MIN_BLOCKS in tuning.h overrides them all.)
 template <bool kCross>
 constexpr int kRowMinBlocks = FOCAL_CUDA_ROW_MIN_BLOCKS > 0 ? FOCAL_CUDA_ROW_MIN_BLOCKS : (kCross ? 2 : 3);
