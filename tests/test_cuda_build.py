@@ -7,7 +7,6 @@ usage, as does a local array."""
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
@@ -16,8 +15,6 @@ import subprocess
 import pytest
 
 import focal_cuda
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def find_cuobjdump():
@@ -39,9 +36,8 @@ def resource_usage():
     tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton) on this machine")
-    so = glob.glob(os.path.join(os.path.dirname(focal_cuda.__file__), "_C*.so"))
-    assert len(so) == 1, so
-    text = subprocess.run([tool, "-res-usage", so[0]], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([tool, "-res-usage", focal_cuda._C.__file__], capture_output=True, text=True,
+                          check=True).stdout
     rows, arch, names = [], None, []
     lines = text.splitlines()
     for i, line in enumerate(lines):
