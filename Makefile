@@ -10,7 +10,9 @@
 #   make build      (re)build the extension in place (incremental)
 #   make test-emulation-asan  the CUDA kernels run on the CPU under AddressSanitizer
 #   make check-old-torch  every source compiled as C++17 against torch 2.11's headers (the GPU
-#                   machine's torch; downloads its wheel once, about 530 MB)
+#                   hosts' torch; downloads its wheel once, about 530 MB)
+#   make test-old-torch   the suite (CPU build, no emulation) under torch 2.11, torchvision 0.26 and
+#                   transformers 5.17, in a venv of its own under build/ (about 6 minutes, 1.5 GB)
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV, and the build switches
 # FOCAL_CUDA_FORCE_CPU=1 / FOCAL_CUDA_REQUIRE_CUDA=1 / TORCH_CUDA_ARCH_LIST / CUDA_HOME.
@@ -23,7 +25,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 STAMP := focal_cuda/.built
 
-.PHONY: setup build test test-emulation-asan check-old-torch bench bench-full demo experiment gpu-check clean
+.PHONY: setup build test test-emulation-asan check-old-torch test-old-torch bench bench-full demo experiment gpu-check clean
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +63,10 @@ test-emulation-asan: build
 # torch before 2.12 builds extensions as C++17: a C++20-only construct must fail here, not there.
 check-old-torch: $(VENV)/.deps
 	PY=$(PY) .ci/check-old-torch
+
+# The suite under the GPU hosts' torch 2.11 (its own venv under build/, a CPU build of a copy of the tree).
+test-old-torch:
+	PYTHON=$(PYTHON) .ci/test-old-torch
 
 bench: build
 	$(PY) benchmarks/bench_focal.py --auto
