@@ -780,6 +780,9 @@ void dispatch_member(const FocalParams& p, F& f) {
   with_loss<acc_type<scalar_t>>(p, [&](const auto& fn) { dispatch_target<scalar_t>(p, fn, f); });
 }
 
+// Every dtype at once: the emulation's dispatch (tests/cuda_emulation). The
+// entry points switch on the dtype in focal_cuda.cu instead, each dtype's
+// kernels being instantiated in a translation unit of its own.
 template <class F>
 void dispatch_forward(const FocalParams& p, F&& f) {
   switch (p.input.kind) {
